@@ -1,0 +1,141 @@
+"""The session engine: ``SESSION_ENGINE = "django_shmsession.backend"``.
+
+Semantics follow Django's ``db`` backend exactly (``must_create`` -> ``CreateError`` on an
+existing key, an update of a session deleted or expired meanwhile -> ``UpdateError``, a missing,
+expired or undecodable session loads as ``{}`` and drops its key), built on the table's atomic
+``add`` and ``replace`` so two workers can never race each other into a wrong answer.
+
+What is stored is the serializer's bytes, not ``SessionBase.encode()``: signing costs ~20 µs per
+call and protects nothing in memory only this machine's processes can read. Serialization happens
+before the table is called, so the table lock is held only for the table's own work.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from django.contrib.sessions.backends.base import CreateError, SessionBase, UpdateError
+
+from django_shmsession import conf, keys
+from django_shmsession.exceptions import TableFull, ValueTooLarge
+from django_shmsession.store import get_table
+
+
+class SessionStore(SessionBase):
+    """Sessions in the shared-memory table, seen by every process of the site on this machine."""
+
+    def _validate_session_key(self, key: Any) -> bool:
+        """Cookie values are untrusted: only keys we could have generated reach the table."""
+        return keys.is_valid_key(key)
+
+    def _get_new_session_key(self) -> str:
+        """A fresh key (~1 µs instead of Django's ~45 µs); collisions are retried by ``add``."""
+        return keys.new_session_key()
+
+    async def _aget_new_session_key(self) -> str:
+        return keys.new_session_key()
+
+    def load(self) -> dict[str, Any]:
+        key = self.session_key
+        blob = get_table().get(key) if key is not None else None
+        if blob is not None:
+            try:
+                data = self.serializer().loads(blob)
+            except Exception:  # any undecodable blob is an absent session
+                data = None
+            if isinstance(data, dict):
+                return data
+        self._session_key = None
+        return {}
+
+    def exists(self, session_key: str | None) -> bool:
+        return keys.is_valid_key(session_key) and get_table().exists(session_key)  # type: ignore[arg-type]
+
+    def create(self) -> None:
+        """Save an empty session under a new key; ``add`` makes a key collision a retry."""
+        while True:
+            self._session_key = self._get_new_session_key()
+            try:
+                self.save(must_create=True)
+            except CreateError:
+                continue
+            self.modified = True
+            return
+
+    def save(self, must_create: bool = False) -> None:
+        if self.session_key is None:
+            return self.create()
+        data = self._get_session(no_load=must_create)
+        blob = self.serializer().dumps(data)
+        expires_at = time.time() + self._expiry_age(data)
+        key = self.session_key
+        table = get_table()
+        try:
+            if must_create:
+                if not table.add(key, blob, expires_at):
+                    raise CreateError
+            elif not table.replace(key, blob, expires_at):
+                raise UpdateError
+        except ValueTooLarge as err:
+            raise _too_large(err) from err
+        except TableFull as err:
+            raise _full(err) from err
+
+    def _expiry_age(self, data: dict[str, Any]) -> float:
+        """``get_expiry_age()`` without its datetime work in the common no-custom-expiry case."""
+        if not data.get("_session_expiry"):
+            return self.get_session_cookie_age()  # type: ignore[no-any-return]
+        return self.get_expiry_age()  # type: ignore[no-any-return]
+
+    def delete(self, session_key: str | None = None) -> None:
+        if session_key is None:
+            if self.session_key is None:
+                return
+            session_key = self.session_key
+        if keys.is_valid_key(session_key):
+            get_table().delete(session_key)
+
+    @classmethod
+    def clear_expired(cls) -> int:
+        """Remove expired sessions; returns how many (``clearsessions`` ignores the number)."""
+        return get_table().clear_expired()
+
+    # Django 5.1+ calls these from async views and middleware. The table never blocks on I/O
+    # (a lock held for microseconds), so the sync code runs directly instead of in a thread.
+
+    async def aload(self) -> dict[str, Any]:
+        return self.load()
+
+    async def aexists(self, session_key: str | None) -> bool:
+        return self.exists(session_key)
+
+    async def acreate(self) -> None:
+        self.create()
+
+    async def asave(self, must_create: bool = False) -> None:
+        self.save(must_create)
+
+    async def adelete(self, session_key: str | None = None) -> None:
+        self.delete(session_key)
+
+    @classmethod
+    async def aclear_expired(cls) -> int:
+        return cls.clear_expired()
+
+
+def _too_large(err: ValueTooLarge) -> ValueTooLarge:
+    return ValueTooLarge(
+        err.size,
+        err.max_size,
+        f"store less in the session or raise {conf.SETTING}['MAX_SESSION_SIZE'] "
+        f"(at most a quarter of {conf.SETTING}['SIZE'])",
+    )
+
+
+def _full(err: TableFull) -> TableFull:
+    return TableFull(
+        f"{err} -- the session table is full and {conf.SETTING}['FULL_POLICY'] is 'raise'. "
+        f"Raise {conf.SETTING}['SIZE'] (then `python manage.py shmsession unlink` and restart), "
+        f"run `python manage.py clearsessions` regularly, or set FULL_POLICY to 'evict'."
+    )

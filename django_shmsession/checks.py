@@ -1,0 +1,173 @@
+"""System checks (``manage.py check``): catch at deploy time what would otherwise fail per request.
+
+Ids:
+E001 posix_ipc is not importable.
+E002 the platform has no timed semaphore waits (dead-lock-holder recovery needs them).
+E003 SHMSESSION is invalid (the ImproperlyConfigured message).
+E004 SIZE does not fit in /dev/shm's free space (creation would fail).
+E005 an existing segment has another size than SIZE (opening would fail).
+E006 SESSION_SERIALIZER is not importable or not JSON-compatible.
+E007 SESSION_ENGINE points into django_shmsession but not at the engine module.
+E008 /dev/shm is missing.
+W001 SHMSESSION is set but SESSION_ENGINE is another engine, so it has no effect.
+
+None of them creates or modifies a segment: checking must be free of side effects.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+from collections.abc import Sequence
+from typing import Any
+
+from django.apps import AppConfig
+from django.conf import settings
+from django.core.checks import CheckMessage, Error, register
+from django.core.checks import Warning as CheckWarning
+from django.core.exceptions import ImproperlyConfigured
+from django.utils.module_loading import import_string
+
+from django_shmsession import conf
+
+SHM_DIR = "/dev/shm"
+_SAMPLE = {"_auth_user_id": "1", "list": [1, 2.5, None, True], "text": "é\u2603"}
+
+
+@register()
+def check_posix_ipc(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    """E001/E002: the table needs posix_ipc and timed semaphore waits."""
+    try:
+        posix_ipc = importlib.import_module("posix_ipc")
+    except ImportError as err:
+        return [
+            Error(
+                f"posix_ipc cannot be imported ({err}).",
+                hint="Install it: `pip install posix-ipc` (it needs a C compiler on Linux).",
+                id="django_shmsession.E001",
+            )
+        ]
+    if not getattr(posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False):
+        return [
+            Error(
+                "This platform does not support timed semaphore waits, so a worker killed while "
+                "holding the session lock could block every other worker forever.",
+                hint="Run on Linux (macOS lacks sem_timedwait), or use another SESSION_ENGINE.",
+                id="django_shmsession.E002",
+            )
+        ]
+    return []
+
+
+@register()
+def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    """E003..E005, E008: settings valid and the segment creatable or compatible."""
+    try:
+        config = conf.load_config(getattr(settings, conf.SETTING, {}))
+    except ImproperlyConfigured as err:
+        return [
+            Error(
+                str(err),
+                hint=f"Fix {conf.SETTING} in your settings; every key is optional.",
+                id="django_shmsession.E003",
+            )
+        ]
+    if not os.path.isdir(SHM_DIR):
+        return [
+            Error(
+                f"{SHM_DIR} does not exist, so POSIX shared memory is unavailable.",
+                hint="Mount a tmpfs on /dev/shm (Linux does this by default).",
+                id="django_shmsession.E008",
+            )
+        ]
+    return _check_segment(config)
+
+
+def segment_path(name: str) -> str:
+    """Where Linux shows the POSIX segment ``name``."""
+    return os.path.join(SHM_DIR, name.lstrip("/"))
+
+
+def _check_segment(config: conf.ShmSessionConfig) -> list[CheckMessage]:
+    try:
+        existing = os.stat(segment_path(config.name)).st_size
+    except FileNotFoundError:
+        return _check_free_space(config)
+    if existing != config.size:
+        return [
+            Error(
+                f"The segment {config.name!r} exists with {existing} bytes but "
+                f"{conf.SETTING}['SIZE'] is {config.size} bytes; workers will fail to open it.",
+                hint=f"Set SIZE back to {existing}, or drop every session and let it be "
+                f"recreated: `python manage.py shmsession unlink --noinput`, then restart.",
+                id="django_shmsession.E005",
+            )
+        ]
+    return []
+
+
+def _check_free_space(config: conf.ShmSessionConfig) -> list[CheckMessage]:
+    stat = os.statvfs(SHM_DIR)
+    free = stat.f_bavail * stat.f_frsize
+    if config.size <= free:
+        return []
+    return [
+        Error(
+            f"{conf.SETTING}['SIZE'] is {config.size} bytes but {SHM_DIR} has only {free} bytes "
+            f"free, so the session table cannot be created.",
+            hint=f"Lower {conf.SETTING}['SIZE'], or give {SHM_DIR} more room (Docker: "
+            f"`--shm-size=256m`; its default is 64 MiB).",
+            id="django_shmsession.E004",
+        )
+    ]
+
+
+@register()
+def check_engine(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    """E007/W001: SESSION_ENGINE and SHMSESSION agree."""
+    engine = getattr(settings, "SESSION_ENGINE", "")
+    if engine == conf.ENGINE:
+        return []
+    if str(engine).startswith("django_shmsession"):
+        return [
+            Error(
+                f"SESSION_ENGINE = {engine!r} is not the django-shmsession engine.",
+                hint=f"Write SESSION_ENGINE = {conf.ENGINE!r} (a module, not a class).",
+                id="django_shmsession.E007",
+            )
+        ]
+    if hasattr(settings, conf.SETTING):
+        return [
+            CheckWarning(
+                f"{conf.SETTING} is set but SESSION_ENGINE is {engine!r}, so sessions are not "
+                f"stored in shared memory.",
+                hint=f"Write SESSION_ENGINE = {conf.ENGINE!r}, or remove {conf.SETTING}.",
+                id="django_shmsession.W001",
+            )
+        ]
+    return []
+
+
+@register()
+def check_serializer(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
+    """E006: the engine stores the serializer's bytes, which must be JSON that round-trips."""
+    path = settings.SESSION_SERIALIZER
+    try:
+        serializer = import_string(path)()
+        blob = serializer.dumps(_SAMPLE)
+        json.loads(blob)
+        ok = isinstance(blob, bytes) and serializer.loads(blob) == _SAMPLE
+    except Exception as err:  # any failure means the serializer is unusable
+        ok, path = False, f"{path} ({type(err).__name__}: {err})"
+    if ok:
+        return []
+    return [
+        Error(
+            f"SESSION_SERIALIZER {path} is not JSON-compatible: it must turn a dict into JSON "
+            f"bytes and back.",
+            hint="Use 'django.contrib.sessions.serializers.JSONSerializer' (the default) or a "
+            "subclass of it.",
+            id="django_shmsession.E006",
+        )
+    ]

@@ -1,0 +1,204 @@
+"""The ``SHMSESSION`` settings dict: read lazily, validated once, messages say what to write.
+
+Settings (every key optional)::
+
+    SHMSESSION = {
+        # POSIX name of the shared-memory segment (a semaphore "<NAME>.lock" goes with it).
+        # Default: derived from the settings module and BASE_DIR, so two sites (or two checkouts
+        # of one site) on a machine never share a table by accident; every process of one site
+        # must agree on it.
+        "NAME": "/mysite-sessions",
+        # Segment size, fixed when the segment is created: int bytes or "512K" / "64M" / "1G".
+        "SIZE": "64M",
+        # Largest serialized session accepted; larger ones raise ValueTooLarge on save.
+        "MAX_SESSION_SIZE": "64K",
+        # When the table is full: "evict" the sessions that expire soonest, or "raise" TableFull.
+        "FULL_POLICY": "evict",
+        # Seconds to wait for the table lock held by a live process before LockTimeout.
+        "LOCK_TIMEOUT": 10.0,
+    }
+
+Nothing is read at import time: :func:`get_config` reads and validates on first use and caches the
+result, and :func:`reset` (called on Django's ``setting_changed``) drops the cache so tests can
+override settings.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import sys
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from django.conf import settings
+from django.core.exceptions import ImproperlyConfigured
+
+SETTING = "SHMSESSION"
+ENGINE = "django_shmsession.backend"
+
+DEFAULT_SIZE = 64 * 1024 * 1024
+DEFAULT_MAX_SESSION_SIZE = 64 * 1024
+DEFAULT_LOCK_TIMEOUT = 10.0
+MIN_SIZE = 1024 * 1024
+MIN_MAX_SESSION_SIZE = 1024
+FULL_POLICIES = ("evict", "raise")
+KNOWN_KEYS = ("NAME", "SIZE", "MAX_SESSION_SIZE", "FULL_POLICY", "LOCK_TIMEOUT")
+
+# POSIX names: one leading slash, then a portable file name. 200 leaves room for the ".lock"
+# suffix and the "sem." prefix Linux adds under /dev/shm (NAME_MAX is 255).
+NAME_RE = re.compile(r"^/[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
+UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+
+
+@dataclass(frozen=True)
+class ShmSessionConfig:
+    """Validated ``SHMSESSION`` settings, with sizes in bytes."""
+
+    name: str
+    size: int
+    max_session_size: int
+    full_policy: str
+    lock_timeout: float
+
+
+_config: ShmSessionConfig | None = None
+
+
+def get_config() -> ShmSessionConfig:
+    """The validated settings, computed once per process (and after each ``reset``)."""
+    global _config
+    if _config is None:
+        _config = load_config(getattr(settings, SETTING, {}))
+    return _config
+
+
+def reset() -> None:
+    """Forget the cached settings, so the next :func:`get_config` reads them again."""
+    global _config
+    _config = None
+
+
+def load_config(raw: object) -> ShmSessionConfig:
+    """Validate the raw ``SHMSESSION`` value; raise ImproperlyConfigured saying what to write."""
+    if not isinstance(raw, Mapping):
+        raise ImproperlyConfigured(
+            f"{SETTING} must be a dict, e.g. {SETTING} = {{'SIZE': '64M'}}; got {raw!r}."
+        )
+    _check_unknown_keys(raw)
+    size = parse_size(raw.get("SIZE", DEFAULT_SIZE), "SIZE")
+    if size < MIN_SIZE:
+        raise ImproperlyConfigured(
+            f"{SETTING}['SIZE'] is {size} bytes; the table needs at least {MIN_SIZE} bytes. "
+            f"Write e.g. {SETTING}['SIZE'] = '64M'."
+        )
+    max_session = parse_size(
+        raw.get("MAX_SESSION_SIZE", DEFAULT_MAX_SESSION_SIZE), "MAX_SESSION_SIZE"
+    )
+    _check_max_session_size(max_session, size)
+    return ShmSessionConfig(
+        name=_parse_name(raw.get("NAME")),
+        size=size,
+        max_session_size=max_session,
+        full_policy=_parse_policy(raw.get("FULL_POLICY", "evict")),
+        lock_timeout=_parse_timeout(raw.get("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT)),
+    )
+
+
+def _check_unknown_keys(raw: Mapping[Any, Any]) -> None:
+    """A typo such as "MAX_SIZE" must not be ignored silently: the user believes it applies."""
+    unknown = sorted(str(k) for k in raw if k not in KNOWN_KEYS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown {SETTING} key(s): {', '.join(unknown)}. "
+            f"Valid keys are {', '.join(KNOWN_KEYS)}."
+        )
+
+
+def parse_size(value: object, key: str) -> int:
+    """Bytes from an int or a string such as "512K", "64M", "1G" (binary units)."""
+    if isinstance(value, bool):
+        value = None  # True is an int to Python, never a size to a user
+    if isinstance(value, int) and value > 0:
+        return value
+    if isinstance(value, str) and (match := SIZE_RE.match(value)):
+        number = int(match.group(1)) * UNITS[match.group(2).upper()]
+        if number > 0:
+            return number
+    raise ImproperlyConfigured(
+        f"{SETTING}['{key}'] = {value!r} is not a size. Write a positive number of bytes "
+        f"(e.g. 67108864) or a string such as '512K', '64M' or '1G'."
+    )
+
+
+def _check_max_session_size(max_session: int, size: int) -> None:
+    """A session bigger than a quarter of the table would evict most others on every save."""
+    if max_session < MIN_MAX_SESSION_SIZE:
+        raise ImproperlyConfigured(
+            f"{SETTING}['MAX_SESSION_SIZE'] is {max_session} bytes, too small for a session; "
+            f"write at least {MIN_MAX_SESSION_SIZE} (the default is '64K')."
+        )
+    if max_session > size // 4:
+        raise ImproperlyConfigured(
+            f"{SETTING}['MAX_SESSION_SIZE'] ({max_session} bytes) must be at most a quarter of "
+            f"{SETTING}['SIZE'] ({size} bytes). Lower MAX_SESSION_SIZE or raise SIZE to at least "
+            f"{max_session * 4}."
+        )
+
+
+def _parse_policy(value: object) -> str:
+    if value not in FULL_POLICIES:
+        raise ImproperlyConfigured(
+            f"{SETTING}['FULL_POLICY'] = {value!r} is not a policy. Write 'evict' (drop the "
+            f"sessions that expire soonest when the table is full) or 'raise' (TableFull)."
+        )
+    return str(value)
+
+
+def _parse_timeout(value: object) -> float:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    if not ok or not 0 < float(value) <= 3600:  # type: ignore[arg-type]
+        raise ImproperlyConfigured(
+            f"{SETTING}['LOCK_TIMEOUT'] = {value!r} is not a timeout. Write a number of seconds "
+            f"greater than 0 and at most 3600, e.g. 10."
+        )
+    return float(value)  # type: ignore[arg-type]
+
+
+def _parse_name(value: object) -> str:
+    if value is None:
+        return default_name()
+    if not isinstance(value, str) or not NAME_RE.match(value):
+        raise ImproperlyConfigured(
+            f"{SETTING}['NAME'] = {value!r} is not a valid shared-memory name. Write a slash "
+            f"followed by up to 200 letters, digits, '.', '_' or '-', e.g. '/mysite-sessions', "
+            f"or leave NAME out to derive one from the project."
+        )
+    return value
+
+
+def default_name() -> str:
+    """A name unique to this project on this machine: settings module + project directory.
+
+    Two checkouts of one project (staging and production on one host) differ by directory, and
+    two projects differ by settings module, so neither shares sessions with the other by accident.
+    """
+    module = getattr(settings, "SETTINGS_MODULE", None)
+    if not module:
+        raise ImproperlyConfigured(
+            f"Cannot derive {SETTING}['NAME'] without a settings module (settings.configure() "
+            f"was used). Write {SETTING} = {{'NAME': '/mysite-sessions'}}."
+        )
+    base = getattr(settings, "BASE_DIR", None) or _module_dir(module)
+    digest = hashlib.blake2b(f"{module}\0{base}".encode(), digest_size=6).hexdigest()
+    slug = re.sub(r"[^A-Za-z0-9_-]", "-", module.split(".")[0])[:40]
+    return f"/djshm-{slug}-{digest}"
+
+
+def _module_dir(module: str) -> str:
+    """Directory of the settings module's file, the stand-in for BASE_DIR when there is none."""
+    file = getattr(sys.modules.get(module), "__file__", None)
+    return str(Path(file).resolve().parent) if file else ""

@@ -1,0 +1,76 @@
+"""The per-process table handle: opened lazily on first use, cached, dropped when settings change.
+
+Opening maps the segment and opens the semaphore (tens of microseconds); doing that per request
+would cost more than the session work itself, so every ``SessionStore`` in a process shares one
+handle. The table handle is fork-safe, so a handle opened in the gunicorn master (see
+:mod:`django_shmsession.gunicorn`) is inherited by every worker.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from django.core.signals import setting_changed
+
+from django_shmsession import conf
+from django_shmsession.table import SessionTable
+
+_table: SessionTable | None = None
+_open_lock = threading.Lock()
+
+# Settings whose change must drop the cached handle and config (tests override them).
+WATCHED_SETTINGS = frozenset({conf.SETTING, "BASE_DIR", "SESSION_SERIALIZER"})
+
+
+def get_table() -> SessionTable:
+    """The process's table, opened (and created if absent) on first call."""
+    table = _table
+    if table is None:
+        table = _open()
+    return table
+
+
+def _open() -> SessionTable:
+    """Open under a lock so two threads of one process never map the segment twice."""
+    global _table
+    with _open_lock:
+        if _table is None:
+            _table = open_table(conf.get_config(), create=True)
+        return _table
+
+
+def open_table(config: conf.ShmSessionConfig, *, create: bool) -> SessionTable:
+    """Open the table described by ``config``; create it only when ``create`` is true.
+
+    The table's own errors (LayoutMismatch for a segment created with another SIZE, ForeignSegment,
+    SegmentTooLarge) already name the setting or command that fixes them, so they pass through.
+    """
+    return SessionTable(
+        config.name,
+        config.size if create else None,
+        max_value_size=config.max_session_size,
+        full_policy=config.full_policy,
+        lock_timeout=config.lock_timeout,
+    )
+
+
+def reset() -> None:
+    """Close the cached handle and forget the settings; the next use reopens.
+
+    Closing only unmaps this process's view: the segment and its sessions stay.
+    """
+    global _table
+    with _open_lock:
+        table, _table = _table, None
+        conf.reset()
+    if table is not None:
+        table.close()
+
+
+def _on_setting_changed(*, setting: str, **kwargs: Any) -> None:
+    if setting in WATCHED_SETTINGS:
+        reset()
+
+
+setting_changed.connect(_on_setting_changed, dispatch_uid="django_shmsession.store.reset")

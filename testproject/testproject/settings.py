@@ -1,0 +1,44 @@
+"""Settings of the test project.
+
+Environment variables (all optional):
+- SHMSESSION_NAME: the table's POSIX name (default: derived from this project).
+- SHMSESSION_SIZE: the segment size, e.g. "64M" (default "64M").
+- SESSION_ENGINE: another session engine, for benchmarks against peers
+  (default "django_shmsession.backend").
+- DJANGO_DEBUG: "1" for DEBUG = True.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+SECRET_KEY = os.environ.get("DJANGO_SECRET_KEY", "django-shmsession-testproject-not-secret")
+DEBUG = os.environ.get("DJANGO_DEBUG") == "1"
+ALLOWED_HOSTS = ["127.0.0.1", "localhost", "[::1]"]
+
+INSTALLED_APPS = [
+    "django.contrib.sessions",
+    "django_shmsession",
+]
+MIDDLEWARE = ["django.contrib.sessions.middleware.SessionMiddleware"]
+ROOT_URLCONF = "testproject.urls"
+WSGI_APPLICATION = "testproject.wsgi.application"
+
+# Only the db session engine (benchmarks) uses it.
+DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}}
+
+SESSION_ENGINE = os.environ.get("SESSION_ENGINE", "django_shmsession.backend")
+SHMSESSION: dict[str, object] = {"SIZE": os.environ.get("SHMSESSION_SIZE", "64M")}
+if os.environ.get("SHMSESSION_NAME"):
+    SHMSESSION["NAME"] = os.environ["SHMSESSION_NAME"]
+
+USE_TZ = True
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "handlers": {"console": {"class": "logging.StreamHandler"}},
+    "root": {"handlers": ["console"], "level": "WARNING"},
+}
