@@ -1,0 +1,260 @@
+"""The binary layout of the shared-memory segment: the one place where offsets are declared.
+
+Every other module reads and writes the segment through the constants and :class:`Geometry`
+methods defined here; nothing else computes an offset by hand. ``docs/layout.md`` describes the
+same layout in prose and must be kept in step with this module.
+
+Segment (all integers little-endian; the package refuses to run on big-endian hosts)::
+
+    +---------------------------+ 0
+    | header page (4096 bytes)  |  magic, geometry, secret, header checksum,
+    |                           |  control words (lock owner, free lists, counts, stats)
+    +---------------------------+ Geometry.buckets_offset
+    | buckets: u32[bucket_count]|  head entry index of each hash chain, NIL when empty
+    +---------------------------+ Geometry.entries_offset
+    | entries: ENTRY_SIZE each  |  key, hash, chain link, state, two value descriptors
+    +---------------------------+ Geometry.chunk_links_offset
+    | chunk links: u32[chunks]  |  next chunk of a value chain, or of the free-chunk stack
+    +---------------------------+ Geometry.chunk_owners_offset
+    | chunk owners: u32[chunks] |  entry index + 1 that owns the chunk, 0 when free
+    +---------------------------+ Geometry.chunks_offset
+    | chunk data: chunk_size ea.|  value bytes
+    +---------------------------+ Geometry.segment_size
+
+Header page:
+
+* ``0``: ``MAGIC`` (8 bytes). ``INIT_MAGIC`` while a process initializes the segment; the real
+  magic is written last, so a segment with ``MAGIC`` is always fully initialized.
+* ``GEOMETRY_OFFSET``: :data:`GEOMETRY` -- layout version, header size, segment size, bucket
+  count, entry capacity, chunk size, chunk capacity, hash secret (16 bytes).
+* ``HEADER_CRC_OFFSET``: CRC-32 of the geometry bytes, so a damaged geometry or secret is
+  detected instead of silently re-hashing every key.
+* ``CONTROL_OFFSET``: ``CONTROL_WORDS`` u64 words indexed by the ``CTL_*`` constants. They are
+  accessed through a ``memoryview`` cast to ``"Q"`` (one machine store per word).
+
+Entry (``ENTRY_SIZE`` = 128 bytes)::
+
+    0   state      u8   ENTRY_FREE or ENTRY_USED (the commit byte of inserts and deletes)
+    1   active     u8   which descriptor (0 or 1) holds the live value (the commit byte of
+                        updates: a new value is written to the other descriptor, then flipped)
+    2   key_len    u8   length of the UTF-8 key, <= KEY_MAX
+    3   (pad)
+    4   next       u32  next entry in the same hash chain (or in the free-entry stack)
+    8   key_hash   u64  keyed blake2b of the key
+    16  key        64s
+    80  desc[0]    DESCRIPTOR
+    104 desc[1]    DESCRIPTOR
+
+Descriptor (24 bytes): expires_at f64 (absolute wall-clock seconds), value_len u32, first_chunk
+u32 (NIL for an empty value), crc u32 (CRC-32 over expiry, length, key and value), pad.
+
+Entries at or above ``CTL_ENTRY_HWM`` and chunks at or above ``CTL_CHUNK_HWM`` have never been
+used: they are free without being on a free stack, so creating or clearing a table costs time
+proportional to the bucket array only.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+from dataclasses import dataclass
+
+if sys.byteorder != "little":  # pragma: no cover - no such host in CI
+    raise ImportError("django-shmsession supports little-endian hosts only")
+
+MAGIC = b"SHMSESS\x01"
+INIT_MAGIC = b"SHMSINIT"
+LAYOUT_VERSION = 1
+
+HEADER_SIZE = 4096
+NIL = 0xFFFFFFFF
+KEY_MAX = 64
+
+#: Byte ranges of the segment file used as ``fcntl`` record locks (never as data locks):
+#: INIT serializes creation and initialization, ARBITER picks the one process that adopts a lock
+#: left by a dead holder. The kernel releases both when their holder dies.
+INIT_LOCK_BYTE = 0
+ARBITER_LOCK_BYTE = 1
+
+MAGIC_STRUCT = struct.Struct("<8s")
+MAGIC_OFFSET = 0
+
+#: version, header_size, segment_size, bucket_count, entry_capacity, chunk_size, chunk_capacity,
+#: secret.
+GEOMETRY = struct.Struct("<IIQIIII16s")
+GEOMETRY_OFFSET = 8
+HEADER_CRC = struct.Struct("<I")
+HEADER_CRC_OFFSET = GEOMETRY_OFFSET + GEOMETRY.size
+
+CONTROL_OFFSET = 128
+CONTROL_WORDS = 64
+
+# Control words (u64). The lock owner triple is written pid-last on acquire and cleared on release.
+CTL_DIRTY = 0  # 1 while a write is half-done: the next lock holder must repair
+CTL_OWNER_PID = 1
+CTL_OWNER_START = 2  # /proc/<pid>/stat start time of the owner, so a reused pid is not trusted
+CTL_OWNER_EPOCH = 3  # bumped by every acquisition and adoption
+CTL_FREE_ENTRY = 4  # head of the free-entry stack (NIL when empty)
+CTL_FREE_CHUNK = 5  # head of the free-chunk stack (NIL when empty)
+CTL_ENTRY_HWM = 6  # entries [hwm, capacity) have never been used
+CTL_CHUNK_HWM = 7
+CTL_ENTRIES = 8  # live entries
+CTL_CHUNKS_USED = 9
+CTL_VALUE_BYTES = 10
+CTL_GENERATION = 11  # bumped by clear() and repairs
+# Statistics counters.
+CTL_HITS = 16
+CTL_MISSES = 17
+CTL_SETS = 18
+CTL_DELETES = 19
+CTL_EVICTIONS = 20
+CTL_EXPIRED = 21
+CTL_LOCK_WAITS = 22
+CTL_LOCK_RECOVERIES = 23
+CTL_REPAIRS = 24
+CTL_TABLE_FULL = 25
+CTL_OVERSIZE = 26
+CTL_CORRUPTION = 27
+
+#: Counter name -> control word, as reported by ``SessionTable.stats()``.
+COUNTERS = {
+    "hits": CTL_HITS,
+    "misses": CTL_MISSES,
+    "sets": CTL_SETS,
+    "deletes": CTL_DELETES,
+    "evictions": CTL_EVICTIONS,
+    "expired": CTL_EXPIRED,
+    "lock_waits": CTL_LOCK_WAITS,
+    "lock_recoveries": CTL_LOCK_RECOVERIES,
+    "repairs": CTL_REPAIRS,
+    "table_full_errors": CTL_TABLE_FULL,
+    "oversize_errors": CTL_OVERSIZE,
+    "corruption_detected": CTL_CORRUPTION,
+}
+
+ENTRY_FREE = 0
+ENTRY_USED = 1
+
+#: state, active, key_len, pad, next, key_hash
+ENTRY_HEAD = struct.Struct("<BBBxIQ")
+ENTRY_KEY_OFFSET = ENTRY_HEAD.size  # 16
+ENTRY_STATE_OFFSET = 0
+ENTRY_ACTIVE_OFFSET = 1
+ENTRY_NEXT = struct.Struct("<I")
+ENTRY_NEXT_OFFSET = 4
+#: expires_at, value_len, first_chunk, crc, pad
+DESCRIPTOR = struct.Struct("<dIII4x")
+DESCRIPTOR_OFFSET = ENTRY_KEY_OFFSET + KEY_MAX  # 80
+ENTRY_SIZE = DESCRIPTOR_OFFSET + 2 * DESCRIPTOR.size  # 128
+#: The part of a descriptor the checksum covers besides key and value.
+CHECKED_FIELDS = struct.Struct("<dI")
+
+U32 = 4
+DEFAULT_CHUNK_SIZE = 512
+#: Data chunks planned per entry slot: 1.5 x 512 B chunks suits Django's typical 100 B-1 KB
+#: sessions while still leaving room for a few large ones.
+DEFAULT_CHUNKS_PER_ENTRY = 1.5
+MIN_ENTRIES = 16
+
+
+def _align(value: int, alignment: int = 64) -> int:
+    return (value + alignment - 1) // alignment * alignment
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """Sizes and region offsets of one segment; derived from the header, never from guesses."""
+
+    segment_size: int
+    bucket_count: int
+    entry_capacity: int
+    chunk_size: int
+    chunk_capacity: int
+
+    @property
+    def buckets_offset(self) -> int:
+        return HEADER_SIZE
+
+    @property
+    def entries_offset(self) -> int:
+        return _align(self.buckets_offset + self.bucket_count * U32)
+
+    @property
+    def chunk_links_offset(self) -> int:
+        return _align(self.entries_offset + self.entry_capacity * ENTRY_SIZE)
+
+    @property
+    def chunk_owners_offset(self) -> int:
+        return _align(self.chunk_links_offset + self.chunk_capacity * U32)
+
+    @property
+    def chunks_offset(self) -> int:
+        return _align(self.chunk_owners_offset + self.chunk_capacity * U32)
+
+    @property
+    def end_offset(self) -> int:
+        return self.chunks_offset + self.chunk_capacity * self.chunk_size
+
+    @property
+    def data_capacity(self) -> int:
+        return self.chunk_capacity * self.chunk_size
+
+    @property
+    def metadata_bytes(self) -> int:
+        """Bytes spent on everything but chunk data (header, buckets, entries, chunk tables)."""
+        return self.chunks_offset
+
+    def entry_offset(self, index: int) -> int:
+        return self.entries_offset + index * ENTRY_SIZE
+
+    def descriptor_offset(self, index: int, which: int) -> int:
+        return (
+            self.entries_offset + index * ENTRY_SIZE + DESCRIPTOR_OFFSET + which * DESCRIPTOR.size
+        )
+
+    def chunk_offset(self, index: int) -> int:
+        return self.chunks_offset + index * self.chunk_size
+
+    def chunks_for(self, length: int) -> int:
+        return -(-length // self.chunk_size)
+
+    def is_consistent(self) -> bool:
+        """True when the regions fit the segment exactly as recorded (checked on every open)."""
+        return (
+            self.bucket_count > 0
+            and self.bucket_count & (self.bucket_count - 1) == 0
+            and 0 < self.entry_capacity < NIL
+            and 0 < self.chunk_capacity < NIL
+            and 64 <= self.chunk_size <= 1 << 20
+            and self.end_offset <= self.segment_size
+        )
+
+    @classmethod
+    def plan(
+        cls,
+        segment_size: int,
+        chunk_size: int = DEFAULT_CHUNK_SIZE,
+        chunks_per_entry: float = DEFAULT_CHUNKS_PER_ENTRY,
+    ) -> Geometry:
+        """Split ``segment_size`` bytes between entries and chunks.
+
+        Raises ValueError when the size cannot hold ``MIN_ENTRIES`` entries.
+        """
+        per_entry = ENTRY_SIZE + 2 * U32 + chunks_per_entry * (chunk_size + 2 * U32)
+        entries = int((segment_size - HEADER_SIZE - 4 * 64) // per_entry)
+        while entries >= MIN_ENTRIES:
+            buckets = 1 << max(entries - 1, 1).bit_length()
+            geometry = cls(
+                segment_size=segment_size,
+                bucket_count=buckets,
+                entry_capacity=entries,
+                chunk_size=chunk_size,
+                chunk_capacity=max(int(entries * chunks_per_entry), 1),
+            )
+            if geometry.end_offset <= segment_size:
+                return geometry
+            entries -= max(entries // 64, 1)
+        raise ValueError(
+            f"a segment of {segment_size} bytes is too small for {MIN_ENTRIES} sessions; "
+            "use at least 1 MiB"
+        )

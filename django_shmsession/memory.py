@@ -1,0 +1,192 @@
+"""Typed, bounds-checked access to the regions of a mapped segment.
+
+:class:`TableMemory` turns the raw mapping into the views the table algorithms need (control
+words, buckets, chunk links and owners as ``memoryview`` casts; entries and descriptors through
+the ``layout`` structs) and does every check that keeps a damaged segment from crashing the
+process or returning one key's data for another: indices in range, chains no longer than their
+value, chunks owned by the entry that points at them, checksums. A failed check raises
+:class:`~django_shmsession.exceptions.CorruptTable`; the table repairs and retries.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import zlib
+from collections.abc import Iterator
+
+from .exceptions import CorruptTable
+from .layout import (
+    CHECKED_FIELDS,
+    CONTROL_OFFSET,
+    CONTROL_WORDS,
+    CTL_CHUNK_HWM,
+    CTL_ENTRY_HWM,
+    DESCRIPTOR,
+    ENTRY_ACTIVE_OFFSET,
+    ENTRY_HEAD,
+    ENTRY_KEY_OFFSET,
+    ENTRY_NEXT,
+    ENTRY_NEXT_OFFSET,
+    ENTRY_STATE_OFFSET,
+    KEY_MAX,
+    U32,
+)
+from .segment import Segment
+
+
+class TableMemory:
+    """The mapped regions of one segment, with checked readers and small writers."""
+
+    def __init__(self, segment: Segment) -> None:
+        geometry = segment.geometry
+        self.segment = segment
+        self.geometry = geometry
+        self.mm = segment.memory
+        whole = memoryview(segment.memory)
+        self._whole = whole
+        self.control = whole[CONTROL_OFFSET : CONTROL_OFFSET + CONTROL_WORDS * 8].cast("Q")
+        self.buckets = self._u32_array(geometry.buckets_offset, geometry.bucket_count)
+        self.links = self._u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
+        self.owners = self._u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
+        self.mask = geometry.bucket_count - 1
+        self._hasher = hashlib.blake2b(digest_size=8, key=segment.secret)
+
+    def _u32_array(self, offset: int, count: int) -> memoryview:
+        return self._whole[offset : offset + count * U32].cast("I")
+
+    def release(self) -> None:
+        """Drop the views so the mapping can be closed."""
+        for view in (self.control, self.buckets, self.links, self.owners, self._whole):
+            view.release()
+
+    # -- hashing and checksums ------------------------------------------------------------------
+
+    def key_hash(self, key: bytes) -> int:
+        """Keyed blake2b of ``key``: equal in every process, unpredictable to clients."""
+        hasher = self._hasher.copy()
+        hasher.update(key)
+        return int.from_bytes(hasher.digest(), "little")
+
+    @staticmethod
+    def checksum(key: bytes, expires_at: float, value: bytes | memoryview) -> int:
+        """CRC-32 over expiry, length, key and value (what a descriptor vouches for)."""
+        seed = zlib.crc32(key, zlib.crc32(CHECKED_FIELDS.pack(expires_at, len(value))))
+        return zlib.crc32(value, seed)
+
+    # -- entries --------------------------------------------------------------------------------
+
+    def check_entry_index(self, index: int) -> None:
+        if index >= self.control[CTL_ENTRY_HWM]:
+            raise CorruptTable(f"entry index {index} is out of range")
+
+    def head(self, index: int) -> tuple[int, int, int, int, int]:
+        """(state, active, key_len, next, key_hash) of entry ``index``."""
+        fields: tuple[int, int, int, int, int] = ENTRY_HEAD.unpack_from(
+            self.mm, self.geometry.entry_offset(index)
+        )
+        return fields
+
+    def key(self, index: int, key_len: int) -> bytes:
+        if key_len > KEY_MAX:
+            raise CorruptTable(f"entry {index} has a key length of {key_len}")
+        start = self.geometry.entry_offset(index) + ENTRY_KEY_OFFSET
+        return self.mm[start : start + key_len]
+
+    def state(self, index: int) -> int:
+        return self.mm[self.geometry.entry_offset(index) + ENTRY_STATE_OFFSET]
+
+    def set_state(self, index: int, state: int) -> None:
+        self.mm[self.geometry.entry_offset(index) + ENTRY_STATE_OFFSET] = state
+
+    def active(self, index: int) -> int:
+        active = self.mm[self.geometry.entry_offset(index) + ENTRY_ACTIVE_OFFSET]
+        if active > 1:
+            raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
+        return active
+
+    def set_active(self, index: int, which: int) -> None:
+        self.mm[self.geometry.entry_offset(index) + ENTRY_ACTIVE_OFFSET] = which
+
+    def set_next(self, index: int, next_index: int) -> None:
+        ENTRY_NEXT.pack_into(
+            self.mm, self.geometry.entry_offset(index) + ENTRY_NEXT_OFFSET, next_index
+        )
+
+    def write_head(self, index: int, key: bytes, key_hash: int, next_index: int) -> None:
+        """Write a not-yet-committed entry (state FREE, descriptor 0 active)."""
+        offset = self.geometry.entry_offset(index)
+        ENTRY_HEAD.pack_into(self.mm, offset, 0, 0, len(key), next_index, key_hash)
+        self.mm[offset + ENTRY_KEY_OFFSET : offset + ENTRY_KEY_OFFSET + len(key)] = key
+
+    def descriptor(self, index: int, which: int) -> tuple[float, int, int, int]:
+        """(expires_at, value_len, first_chunk, crc), with the length checked against capacity."""
+        fields: tuple[float, int, int, int] = DESCRIPTOR.unpack_from(
+            self.mm, self.geometry.descriptor_offset(index, which)
+        )
+        if fields[1] > self.geometry.data_capacity:
+            raise CorruptTable(f"entry {index} claims a {fields[1]}-byte value")
+        return fields
+
+    def write_descriptor(
+        self, index: int, which: int, expires_at: float, length: int, first: int, crc: int
+    ) -> None:
+        DESCRIPTOR.pack_into(
+            self.mm, self.geometry.descriptor_offset(index, which), expires_at, length, first, crc
+        )
+
+    # -- chunks ---------------------------------------------------------------------------------
+
+    def chain(self, index: int, first: int, length: int) -> Iterator[int]:
+        """The chunks of entry ``index``'s value, each checked to be in range and owned by it."""
+        owners = self.owners
+        links = self.links
+        tag = index + 1
+        hwm = self.control[CTL_CHUNK_HWM]
+        chunk = first
+        for _ in range(self.geometry.chunks_for(length)):
+            if chunk >= hwm or owners[chunk] != tag:
+                raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {chunk}")
+            yield chunk
+            chunk = links[chunk]
+
+    def read_value(self, index: int, first: int, length: int) -> bytes:
+        """Copy a value out of its chunks (the chain is checked as it is walked)."""
+        geometry = self.geometry
+        size = geometry.chunk_size
+        if length <= size:
+            if length == 0:
+                return b""
+            if first >= self.control[CTL_CHUNK_HWM] or self.owners[first] != index + 1:
+                raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
+            start = geometry.chunk_offset(first)
+            return self.mm[start : start + length]
+        parts = []
+        remaining = length
+        for chunk in self.chain(index, first, length):
+            start = geometry.chunk_offset(chunk)
+            take = size if remaining > size else remaining
+            parts.append(self.mm[start : start + take])
+            remaining -= take
+        return b"".join(parts)
+
+    def write_value(self, first: int, value: bytes) -> None:
+        """Copy ``value`` into a chain that was just allocated (so it is trusted)."""
+        geometry = self.geometry
+        size = geometry.chunk_size
+        length = len(value)
+        if length <= size:
+            if length:
+                start = geometry.chunk_offset(first)
+                self.mm[start : start + length] = value
+            return
+        view = memoryview(value)
+        chunk = first
+        for position in range(0, length, size):
+            start = geometry.chunk_offset(chunk)
+            piece = view[position : position + size]
+            self.mm[start : start + len(piece)] = piece
+            chunk = self.links[chunk]
+        view.release()
+
+    def bucket_of(self, key_hash: int) -> int:
+        return key_hash & self.mask
