@@ -66,7 +66,8 @@ class SessionStore(SessionBase):
     def save(self, must_create: bool = False) -> None:
         if self.session_key is None:
             return self.create()
-        data = self._get_session(no_load=must_create)
+        # _get_session is SessionBase API the stubs omit (Django's own backends call it).
+        data: dict[str, Any] = self._get_session(no_load=must_create)  # type: ignore[attr-defined]
         blob = self.serializer().dumps(data)
         expires_at = time.time() + self._expiry_age(data)
         key = self.session_key
@@ -85,8 +86,8 @@ class SessionStore(SessionBase):
     def _expiry_age(self, data: dict[str, Any]) -> float:
         """``get_expiry_age()`` without its datetime work in the common no-custom-expiry case."""
         if not data.get("_session_expiry"):
-            return self.get_session_cookie_age()  # type: ignore[no-any-return]
-        return self.get_expiry_age()  # type: ignore[no-any-return]
+            return self.get_session_cookie_age()
+        return self.get_expiry_age()
 
     def delete(self, session_key: str | None = None) -> None:
         if session_key is None:
@@ -97,9 +98,10 @@ class SessionStore(SessionBase):
             get_table().delete(session_key)
 
     @classmethod
-    def clear_expired(cls) -> int:
-        """Remove expired sessions; returns how many (``clearsessions`` ignores the number)."""
-        return get_table().clear_expired()
+    def clear_expired(cls) -> None:
+        """Remove expired sessions (``manage.py clearsessions``), in batches that release the
+        lock in between so requests keep flowing during a large sweep."""
+        get_table().clear_expired()
 
     # Django 5.1+ calls these from async views and middleware. The table never blocks on I/O
     # (a lock held for microseconds), so the sync code runs directly instead of in a thread.
@@ -120,8 +122,8 @@ class SessionStore(SessionBase):
         self.delete(session_key)
 
     @classmethod
-    async def aclear_expired(cls) -> int:
-        return cls.clear_expired()
+    async def aclear_expired(cls) -> None:
+        cls.clear_expired()
 
 
 def _too_large(err: ValueTooLarge) -> ValueTooLarge:

@@ -26,6 +26,7 @@ override settings.
 from __future__ import annotations
 
 import hashlib
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -33,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from django.conf import settings
+from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core.exceptions import ImproperlyConfigured
 
 SETTING = "SHMSESSION"
@@ -120,9 +121,8 @@ def _check_unknown_keys(raw: Mapping[Any, Any]) -> None:
 
 def parse_size(value: object, key: str) -> int:
     """Bytes from an int or a string such as "512K", "64M", "1G" (binary units)."""
-    if isinstance(value, bool):
-        value = None  # True is an int to Python, never a size to a user
-    if isinstance(value, int) and value > 0:
+    # True is an int to Python, never a size to a user.
+    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
         return value
     if isinstance(value, str) and (match := SIZE_RE.match(value)):
         number = int(match.group(1)) * UNITS[match.group(2).upper()]
@@ -186,7 +186,8 @@ def default_name() -> str:
     Two checkouts of one project (staging and production on one host) differ by directory, and
     two projects differ by settings module, so neither shares sessions with the other by accident.
     """
-    module = getattr(settings, "SETTINGS_MODULE", None)
+    # Under override_settings SETTINGS_MODULE reads None; the environment still names it.
+    module = getattr(settings, "SETTINGS_MODULE", None) or os.environ.get(ENVIRONMENT_VARIABLE)
     if not module:
         raise ImproperlyConfigured(
             f"Cannot derive {SETTING}['NAME'] without a settings module (settings.configure() "
