@@ -57,7 +57,7 @@ from __future__ import annotations
 
 import struct
 import sys
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 if sys.byteorder != "little":  # pragma: no cover - no such host in CI
     raise ImportError("django-shmsession supports little-endian hosts only")
@@ -146,6 +146,13 @@ ENTRY_NEXT_OFFSET = 4
 DESCRIPTOR = struct.Struct("<dIII4x")
 DESCRIPTOR_OFFSET = ENTRY_KEY_OFFSET + KEY_MAX  # 80
 ENTRY_SIZE = DESCRIPTOR_OFFSET + 2 * DESCRIPTOR.size  # 128
+#: The whole entry in one unpack (the lookup hot path): head, zero-padded key, both descriptors.
+ENTRY = struct.Struct("<BBBxIQ64sdIII4xdIII4x")
+#: Field positions in an ``ENTRY`` tuple; descriptor ``which`` starts at
+#: ``F_DESCRIPTORS + which * F_DESCRIPTOR_FIELDS`` with (expires_at, value_len, first_chunk, crc).
+F_STATE, F_ACTIVE, F_KEY_LEN, F_NEXT, F_HASH, F_KEY = range(6)
+F_DESCRIPTORS = 6
+F_DESCRIPTOR_FIELDS = 4
 #: The part of a descriptor the checksum covers besides key and value.
 CHECKED_FIELDS = struct.Struct("<dI")
 
@@ -163,33 +170,36 @@ def _align(value: int, alignment: int = 64) -> int:
 
 @dataclass(frozen=True)
 class Geometry:
-    """Sizes and region offsets of one segment; derived from the header, never from guesses."""
+    """Sizes and region offsets of one segment; derived from the header, never from guesses.
+
+    Region offsets are computed once here (they sit on the hot path of every lookup).
+    """
 
     segment_size: int
     bucket_count: int
     entry_capacity: int
     chunk_size: int
     chunk_capacity: int
+    buckets_offset: int = field(init=False)
+    entries_offset: int = field(init=False)
+    chunk_links_offset: int = field(init=False)
+    chunk_owners_offset: int = field(init=False)
+    chunks_offset: int = field(init=False)
 
-    @property
-    def buckets_offset(self) -> int:
-        return HEADER_SIZE
-
-    @property
-    def entries_offset(self) -> int:
-        return _align(self.buckets_offset + self.bucket_count * U32)
-
-    @property
-    def chunk_links_offset(self) -> int:
-        return _align(self.entries_offset + self.entry_capacity * ENTRY_SIZE)
-
-    @property
-    def chunk_owners_offset(self) -> int:
-        return _align(self.chunk_links_offset + self.chunk_capacity * U32)
-
-    @property
-    def chunks_offset(self) -> int:
-        return _align(self.chunk_owners_offset + self.chunk_capacity * U32)
+    def __post_init__(self) -> None:
+        offsets = {"buckets_offset": HEADER_SIZE}
+        offsets["entries_offset"] = _align(HEADER_SIZE + self.bucket_count * U32)
+        offsets["chunk_links_offset"] = _align(
+            offsets["entries_offset"] + self.entry_capacity * ENTRY_SIZE
+        )
+        offsets["chunk_owners_offset"] = _align(
+            offsets["chunk_links_offset"] + self.chunk_capacity * U32
+        )
+        offsets["chunks_offset"] = _align(
+            offsets["chunk_owners_offset"] + self.chunk_capacity * U32
+        )
+        for name, value in offsets.items():
+            object.__setattr__(self, name, value)
 
     @property
     def end_offset(self) -> int:

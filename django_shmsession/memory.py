@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import zlib
 from collections.abc import Iterator
+from typing import Any
 
 from .exceptions import CorruptTable
 from .layout import (
@@ -22,16 +23,23 @@ from .layout import (
     CTL_CHUNK_HWM,
     CTL_ENTRY_HWM,
     DESCRIPTOR,
+    ENTRY,
     ENTRY_ACTIVE_OFFSET,
     ENTRY_HEAD,
     ENTRY_KEY_OFFSET,
     ENTRY_NEXT,
     ENTRY_NEXT_OFFSET,
+    ENTRY_SIZE,
     ENTRY_STATE_OFFSET,
     KEY_MAX,
     U32,
 )
 from .segment import Segment
+
+
+def pad_key(key: bytes) -> bytes:
+    """The key as stored in an entry's fixed-size key field."""
+    return key.ljust(KEY_MAX, b"\0")
 
 
 class TableMemory:
@@ -49,6 +57,7 @@ class TableMemory:
         self.links = self._u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
         self.owners = self._u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
         self.mask = geometry.bucket_count - 1
+        self.entries_offset = geometry.entries_offset
         self._hasher = hashlib.blake2b(digest_size=8, key=segment.secret)
 
     def _u32_array(self, offset: int, count: int) -> memoryview:
@@ -86,6 +95,10 @@ class TableMemory:
         )
         return fields
 
+    def entry(self, index: int) -> tuple[Any, ...]:
+        """Every field of entry ``index`` in one unpack (see ``layout.ENTRY`` and ``F_*``)."""
+        return ENTRY.unpack_from(self.mm, self.entries_offset + index * ENTRY_SIZE)
+
     def key(self, index: int, key_len: int) -> bytes:
         if key_len > KEY_MAX:
             raise CorruptTable(f"entry {index} has a key length of {key_len}")
@@ -113,10 +126,13 @@ class TableMemory:
         )
 
     def write_head(self, index: int, key: bytes, key_hash: int, next_index: int) -> None:
-        """Write a not-yet-committed entry (state FREE, descriptor 0 active)."""
+        """Write a not-yet-committed entry (state FREE, descriptor 0 active).
+
+        The key is zero-padded so lookups compare the whole fixed-size field in one step.
+        """
         offset = self.geometry.entry_offset(index)
         ENTRY_HEAD.pack_into(self.mm, offset, 0, 0, len(key), next_index, key_hash)
-        self.mm[offset + ENTRY_KEY_OFFSET : offset + ENTRY_KEY_OFFSET + len(key)] = key
+        self.mm[offset + ENTRY_KEY_OFFSET : offset + ENTRY_KEY_OFFSET + KEY_MAX] = pad_key(key)
 
     def descriptor(self, index: int, which: int) -> tuple[float, int, int, int]:
         """(expires_at, value_len, first_chunk, crc), with the length checked against capacity."""

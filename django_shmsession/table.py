@@ -44,12 +44,19 @@ from .layout import (
     DEFAULT_CHUNK_SIZE,
     ENTRY_FREE,
     ENTRY_USED,
+    F_ACTIVE,
+    F_DESCRIPTOR_FIELDS,
+    F_DESCRIPTORS,
+    F_HASH,
+    F_KEY,
+    F_NEXT,
+    F_STATE,
     KEY_MAX,
     NIL,
     U32,
 )
 from .lock import TableLock
-from .memory import TableMemory
+from .memory import TableMemory, pad_key
 
 __all__ = ["FAULT_POINTS", "CheckReport", "SessionTable", "TableStats", "set_fault_hook"]
 
@@ -314,11 +321,11 @@ class SessionTable:
         if self._closed:
             raise ShmSessionError("this SessionTable is closed; open a new one")
         control = self._control
-        adopted = self._lock.acquire()
+        self._lock.acquire()
         try:
             if _fault_hook is not None:
                 _fault_hook("lock:acquired")
-            if adopted or control[CTL_DIRTY]:
+            if control[CTL_DIRTY]:  # the previous holder died (adopted) or failed mid-write
                 self._repair()
             try:
                 return operation(*args, **kwargs)
@@ -349,8 +356,10 @@ class SessionTable:
         if not isinstance(key, str):
             raise TypeError(f"keys must be str, not {type(key).__name__}")
         encoded = key.encode()
-        if not 0 < len(encoded) <= KEY_MAX:
-            raise ValueError(f"keys must be 1 to {KEY_MAX} bytes of UTF-8, got {len(encoded)}")
+        if not 0 < len(encoded) <= KEY_MAX or b"\0" in encoded:
+            raise ValueError(
+                f"keys must be 1 to {KEY_MAX} bytes of UTF-8 without NUL, got {key[:80]!r}"
+            )
         return encoded
 
     def _store(self, key: str, value: bytes, expires_at: float, mode: int) -> bool:
@@ -371,24 +380,39 @@ class SessionTable:
 
     # -- operations (lock held) -----------------------------------------------------------------
 
-    def _find(self, key: bytes, key_hash: int) -> int:
-        """Index of the entry holding ``key`` (committed or not), or NIL."""
+    def _find(self, key: bytes, key_hash: int) -> tuple[int, tuple[Any, ...]]:
+        """(index, fields) of the entry holding ``key`` (padded), or (NIL, ())."""
         memory = self._memory
-        bucket = key_hash & memory.mask
+        mask = memory.mask
+        bucket = key_hash & mask
         index = memory.buckets[bucket]
         hwm = self._control[CTL_ENTRY_HWM]
+        entry = memory.entry
         for _ in range(hwm + 1):
             if index == NIL:
-                return NIL
+                return NIL, ()
             if index >= hwm:
                 raise CorruptTable(f"bucket {bucket} links to entry {index} beyond {hwm}")
-            state, _active, key_len, next_index, entry_hash = memory.head(index)
-            if entry_hash == key_hash and state == ENTRY_USED and memory.key(index, key_len) == key:
-                return index
-            if entry_hash & memory.mask != bucket and state == ENTRY_USED:
+            fields = entry(index)
+            if (
+                fields[F_HASH] == key_hash
+                and fields[F_KEY] == key
+                and fields[F_STATE] == ENTRY_USED
+            ):
+                return index, fields
+            if fields[F_HASH] & mask != bucket and fields[F_STATE] == ENTRY_USED:
                 raise CorruptTable(f"entry {index} is chained in the wrong bucket")
-            index = next_index
+            index = fields[F_NEXT]
         raise CorruptTable(f"bucket {bucket} has a cycle")
+
+    @staticmethod
+    def _descriptor_of(index: int, fields: tuple[Any, ...]) -> tuple[float, int, int, int]:
+        """The live (expires_at, value_len, first_chunk, crc) of an unpacked entry."""
+        active = fields[F_ACTIVE]
+        if active > 1:
+            raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
+        start = F_DESCRIPTORS + active * F_DESCRIPTOR_FIELDS
+        return fields[start : start + F_DESCRIPTOR_FIELDS]  # type: ignore[return-value]
 
     def _live_descriptor(self, index: int) -> tuple[float, int, int, int]:
         memory = self._memory
@@ -396,11 +420,11 @@ class SessionTable:
 
     def _get(self, key: bytes, key_hash: int) -> bytes | None:
         control = self._control
-        index = self._find(key, key_hash)
+        index, fields = self._find(pad_key(key), key_hash)
         if index == NIL:
             control[CTL_MISSES] += 1
             return None
-        expires_at, length, first, crc = self._live_descriptor(index)
+        expires_at, length, first, crc = self._descriptor_of(index, fields)
         if expires_at <= self._clock():
             self._delete_index(index)
             control[CTL_EXPIRED] += 1
@@ -413,20 +437,20 @@ class SessionTable:
         return value
 
     def _exists(self, key: bytes, key_hash: int) -> bool:
-        index = self._find(key, key_hash)
+        index, fields = self._find(pad_key(key), key_hash)
         if index == NIL:
             return False
-        if self._live_descriptor(index)[0] <= self._clock():
+        if self._descriptor_of(index, fields)[0] <= self._clock():
             self._delete_index(index)
             self._control[CTL_EXPIRED] += 1
             return False
         return True
 
     def _delete(self, key: bytes, key_hash: int) -> bool:
-        index = self._find(key, key_hash)
+        index, fields = self._find(pad_key(key), key_hash)
         if index == NIL:
             return False
-        live = self._live_descriptor(index)[0] > self._clock()
+        live = self._descriptor_of(index, fields)[0] > self._clock()
         self._delete_index(index)
         self._control[CTL_DELETES if live else CTL_EXPIRED] += 1
         return live
@@ -434,9 +458,9 @@ class SessionTable:
     def _write(
         self, key: bytes, key_hash: int, value: bytes, expires_at: float, crc: int, mode: int
     ) -> bool:
-        index = self._find(key, key_hash)
+        index, fields = self._find(pad_key(key), key_hash)
         if index != NIL:
-            live = self._live_descriptor(index)[0] > self._clock()
+            live = self._descriptor_of(index, fields)[0] > self._clock()
             if mode == _ADD and live:
                 return False
             if mode == _REPLACE and not live:
