@@ -412,7 +412,7 @@ class SessionTable:
         if active > 1:
             raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
         start = F_DESCRIPTORS + active * F_DESCRIPTOR_FIELDS
-        return fields[start : start + F_DESCRIPTOR_FIELDS]  # type: ignore[return-value]
+        return fields[start : start + F_DESCRIPTOR_FIELDS]
 
     def _live_descriptor(self, index: int) -> tuple[float, int, int, int]:
         memory = self._memory
