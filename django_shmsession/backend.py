@@ -19,15 +19,24 @@ from django.contrib.sessions.backends.base import CreateError, SessionBase, Upda
 
 from django_shmsession import conf, keys
 from django_shmsession.exceptions import TableFull, ValueTooLarge
-from django_shmsession.store import get_table
+from django_shmsession.store import get_serializer, get_table
 
 
 class SessionStore(SessionBase):
     """Sessions in the shared-memory table, seen by every process of the site on this machine."""
 
-    def _validate_session_key(self, key: Any) -> bool:
-        """Cookie values are untrusted: only keys we could have generated reach the table."""
-        return keys.is_valid_key(key)
+    def __init__(self, session_key: str | None = None) -> None:
+        """``SessionBase.__init__`` minus its per-instance ``import_string`` of the serializer
+        (a new store is made per request). tests/engine/test_contract.py checks that it sets the
+        same attributes as Django's, so a Django upgrade that adds one fails loudly."""
+        self._session_key = session_key
+        self.accessed = False
+        self.modified = False
+        self.serializer = get_serializer()
+
+    # Cookie values are untrusted: only keys we could have generated reach the table. Bound as
+    # a staticmethod (not a wrapper method) because SessionBase calls it on every key assignment.
+    _validate_session_key = staticmethod(keys.is_valid_key)
 
     def _get_new_session_key(self) -> str:
         """A fresh key (~1 µs instead of Django's ~45 µs); collisions are retried by ``add``."""

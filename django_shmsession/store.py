@@ -11,12 +11,15 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+from django.conf import settings
 from django.core.signals import setting_changed
+from django.utils.module_loading import import_string
 
 from django_shmsession import conf
 from django_shmsession.table import SessionTable
 
 _table: SessionTable | None = None
+_serializer: type[Any] | None = None
 _open_lock = threading.Lock()
 
 # Settings whose change must drop the cached handle and config (tests override them).
@@ -29,6 +32,16 @@ def get_table() -> SessionTable:
     if table is None:
         table = _open()
     return table
+
+
+def get_serializer() -> type[Any]:
+    """The ``SESSION_SERIALIZER`` class, imported once per process (``import_string`` on every
+    ``SessionStore()``, as ``SessionBase.__init__`` does, costs ~0.7 µs per request)."""
+    global _serializer
+    serializer = _serializer
+    if serializer is None:
+        serializer = _serializer = import_string(settings.SESSION_SERIALIZER)
+    return serializer
 
 
 def _open() -> SessionTable:
@@ -60,9 +73,10 @@ def reset() -> None:
 
     Closing only unmaps this process's view: the segment and its sessions stay.
     """
-    global _table
+    global _table, _serializer
     with _open_lock:
         table, _table = _table, None
+        _serializer = None
         conf.reset()
     if table is not None:
         table.close()

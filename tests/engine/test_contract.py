@@ -8,6 +8,7 @@ resurrection of a session deleted elsewhere, invalid keys, and the async variant
 from __future__ import annotations
 
 import asyncio
+import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
@@ -92,6 +93,35 @@ class TestDictApi:
         assert list(session.items()) == []
         assert session.accessed
         assert session.modified
+
+
+def test_init_sets_what_django_sets() -> None:
+    """Our __init__ skips SessionBase's; it must still set every attribute Django's sets."""
+    from django.contrib.sessions.backends.base import SessionBase
+
+    ours, django_base = SessionStore("abcdefgh12"), SessionBase("abcdefgh12")
+    assert set(vars(ours)) == set(vars(django_base))
+    assert ours.serializer is django_base.serializer
+    assert ours.session_key == django_base.session_key
+
+
+def test_serializer_setting_change_is_picked_up(settings: Any) -> None:
+    settings.SESSION_SERIALIZER = "tests.engine.test_contract.TaggingSerializer"
+    s = SessionStore()
+    s["a"] = 1
+    s.save()
+    assert store.get_table().get(s.session_key or "") == b'TAG{"a":1}'
+    assert SessionStore(s.session_key)["a"] == 1
+
+
+class TaggingSerializer:
+    """A JSON serializer that marks its bytes, to see which serializer the engine used."""
+
+    def dumps(self, obj: object) -> bytes:
+        return b"TAG" + json.dumps(obj, separators=(",", ":")).encode()
+
+    def loads(self, data: bytes) -> object:
+        return json.loads(data[3:])
 
 
 class TestPersistence:
