@@ -49,6 +49,7 @@ from .layout import (
     F_DESCRIPTORS,
     F_HASH,
     F_KEY,
+    F_KEY_LEN,
     F_NEXT,
     F_STATE,
     KEY_MAX,
@@ -356,10 +357,8 @@ class SessionTable:
         if not isinstance(key, str):
             raise TypeError(f"keys must be str, not {type(key).__name__}")
         encoded = key.encode()
-        if not 0 < len(encoded) <= KEY_MAX or b"\0" in encoded:
-            raise ValueError(
-                f"keys must be 1 to {KEY_MAX} bytes of UTF-8 without NUL, got {key[:80]!r}"
-            )
+        if not 0 < len(encoded) <= KEY_MAX:
+            raise ValueError(f"keys must be 1 to {KEY_MAX} bytes of UTF-8, got {key[:80]!r}")
         return encoded
 
     def _store(self, key: str, value: bytes, expires_at: float, mode: int) -> bool:
@@ -381,7 +380,9 @@ class SessionTable:
     # -- operations (lock held) -----------------------------------------------------------------
 
     def _find(self, key: bytes, key_hash: int) -> tuple[int, tuple[Any, ...]]:
-        """(index, fields) of the entry holding ``key`` (padded), or (NIL, ())."""
+        """(index, fields) of the entry holding ``key``, or (NIL, ())."""
+        key_len = len(key)
+        padded = pad_key(key)
         memory = self._memory
         mask = memory.mask
         bucket = key_hash & mask
@@ -396,7 +397,8 @@ class SessionTable:
             fields = entry(index)
             if (
                 fields[F_HASH] == key_hash
-                and fields[F_KEY] == key
+                and fields[F_KEY] == padded
+                and fields[F_KEY_LEN] == key_len
                 and fields[F_STATE] == ENTRY_USED
             ):
                 return index, fields
@@ -420,7 +422,7 @@ class SessionTable:
 
     def _get(self, key: bytes, key_hash: int) -> bytes | None:
         control = self._control
-        index, fields = self._find(pad_key(key), key_hash)
+        index, fields = self._find(key, key_hash)
         if index == NIL:
             control[CTL_MISSES] += 1
             return None
@@ -437,7 +439,7 @@ class SessionTable:
         return value
 
     def _exists(self, key: bytes, key_hash: int) -> bool:
-        index, fields = self._find(pad_key(key), key_hash)
+        index, fields = self._find(key, key_hash)
         if index == NIL:
             return False
         if self._descriptor_of(index, fields)[0] <= self._clock():
@@ -447,7 +449,7 @@ class SessionTable:
         return True
 
     def _delete(self, key: bytes, key_hash: int) -> bool:
-        index, fields = self._find(pad_key(key), key_hash)
+        index, fields = self._find(key, key_hash)
         if index == NIL:
             return False
         live = self._descriptor_of(index, fields)[0] > self._clock()
@@ -458,7 +460,7 @@ class SessionTable:
     def _write(
         self, key: bytes, key_hash: int, value: bytes, expires_at: float, crc: int, mode: int
     ) -> bool:
-        index, fields = self._find(pad_key(key), key_hash)
+        index, fields = self._find(key, key_hash)
         if index != NIL:
             live = self._descriptor_of(index, fields)[0] > self._clock()
             if mode == _ADD and live:
