@@ -154,6 +154,8 @@ def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
     ``size=None`` opens an existing segment only.
     """
     validate_name(name)
+    if size is not None:
+        Geometry.plan(size, chunk_size)  # a size too small is refused before anything is created
     fd, created = _open_fd(name, size)
     try:
         _check_private(fd, segment_path(name))
