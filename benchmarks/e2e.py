@@ -21,11 +21,13 @@ import os
 import re
 import signal
 import socket
+import statistics
 import subprocess
 import sys
 import time
 import uuid
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -143,41 +145,52 @@ def _wait_ready(proc: subprocess.Popen[bytes], port: int, log_path: Path) -> Non
     raise RuntimeError(f"gunicorn not ready on port {port} after 30 s; see {log_path}")
 
 
-def lost_sessions(port: int, rounds: int) -> dict[str, int]:
-    """Set a value, read it back on a new connection; count misses and worker crossings.
+def lost_sessions(port: int, workers: int, rounds: int) -> dict[str, int]:
+    """Set a value through one worker, read it back through every worker; count misses.
 
-    Also /incr `rounds` times on new connections: a shared store ends at exactly `rounds`.
+    Consecutive requests tend to land on the same idle worker, which would hide a per-process
+    store, so the read-back uses benchmarks.e2e_urls' held views: `workers` concurrent requests
+    that each hold their worker 20 ms land on `workers` different workers. Each /incr is sent
+    while the other workers are held, so it lands wherever a worker is free. A shared store ends
+    with zero lost reads and an /incr count of exactly `rounds`.
     """
-    lost = crossed = errors = 0
-    for _ in range(rounds):
-        value = uuid.uuid4().hex
-        status, body, cookie = request(port, f"/set?foo={value}")
-        if status != 200 or not cookie:
-            errors += 1
-            continue
-        status, got, _ = request(port, "/", cookie)
-        if status != 200:
-            errors += 1
-            continue
-        crossed += got.get("pid") != body.get("pid")
-        lost += got.get("foo") != value
-    status, _, cookie = request(port, "/incr")
-    count = 1 if status == 200 else 0
-    incr_pids = set()
-    for _ in range(rounds - 1):
-        status, body, new_cookie = request(port, "/incr", cookie)
-        cookie = new_cookie or cookie  # signed_cookies sends a new cookie on every change
-        if status == 200:
-            count = int(body["count"])
-            incr_pids.add(body["pid"])
+    lost = reads = crossed = errors = 0
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        for _ in range(rounds):
+            value = uuid.uuid4().hex
+            status, body, cookie = request(port, f"/set?foo={value}")
+            if status != 200 or not cookie:
+                errors += 1
+                continue
+            answers = pool.map(
+                request, [port] * workers, ["/bench/read"] * workers, [cookie] * workers
+            )
+            for status, got, _ in answers:
+                if status != 200:
+                    errors += 1
+                    continue
+                reads += 1
+                crossed += got.get("pid") != body.get("pid")
+                lost += got.get("foo") != value
+        count, pids, cookie = 0, set(), ""
+        for _ in range(rounds):
+            holds = [pool.submit(request, port, "/bench/hold") for _ in range(workers - 1)]
+            time.sleep(0.002)  # let the holds reach their workers first
+            status, body, new_cookie = request(port, "/incr", cookie or None)
+            for held in holds:
+                held.result()
+            cookie = new_cookie or cookie  # signed_cookies sends a new cookie on every change
+            if status == 200:
+                count = int(body["count"])
+                pids.add(body["pid"])
     return {
-        "pairs": rounds,
+        "reads": reads,
         "lost": lost,
         "crossed_workers": crossed,
         "errors": errors,
         "incr_expected": rounds,
         "incr_final": count,
-        "incr_workers_seen": len(incr_pids),
+        "incr_workers_seen": len(pids),
     }
 
 
@@ -205,7 +218,30 @@ def run_wrk(wrk: str, port: int, path: str, cookie: str, seconds: int) -> dict[s
     }
 
 
-def run_backend(key: str, workers: int, wrk: str, seconds: int, rounds: int) -> dict[str, Any]:
+def wrk_rounds(wrk: str, port: int, cookie: str, seconds: int, repeats: int) -> dict[str, Any]:
+    """Every path `repeats` times, interleaved; req/s is the median of the repeats.
+
+    Interleaving and the median are there because this machine is shared: a neighbour's burst
+    then hurts one repeat of every path instead of all repeats of one path.
+    """
+    runs: dict[str, list[dict[str, Any]]] = {path: [] for path in PATHS}
+    for _ in range(repeats):
+        for path in PATHS:
+            runs[path].append(run_wrk(wrk, port, path, cookie, seconds))
+    out: dict[str, Any] = {}
+    for path, results in runs.items():
+        out[path] = {
+            "rps": statistics.median(r["rps"] for r in results),
+            "rps_all": [r["rps"] for r in results],
+            "non_2xx": sum(r["non_2xx"] for r in results),
+            "socket_errors": [r["socket_errors"] for r in results if r["socket_errors"]],
+        }
+    return out
+
+
+def run_backend(
+    key: str, workers: int, wrk: str, timing: tuple[int, int], rounds: int
+) -> dict[str, Any]:
     """One backend at one worker count: prepare, start gunicorn, lost-session check, wrk."""
     shm_name = f"/shmbench-e2e-{uuid.uuid4().hex[:10]}"
     workdir = WORK / "e2e" / key
@@ -215,11 +251,11 @@ def run_backend(key: str, workers: int, wrk: str, seconds: int, rounds: int) -> 
     try:
         prepare(env)
         with gunicorn(env, workers, log_path) as port:
-            check = lost_sessions(port, rounds)
+            check = lost_sessions(port, workers, rounds)
             status, _, cookie = request(port, "/set")
             if status != 200 or not cookie:
                 raise RuntimeError(f"/set answered {status} without a session cookie")
-            paths = {path: run_wrk(wrk, port, path, cookie, seconds) for path in PATHS}
+            paths = wrk_rounds(wrk, port, cookie, *timing)
         return {"status": "ok", "sessions": check, "wrk": paths}
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
         return {"status": "error", "reason": str(err)[:300]}
@@ -237,14 +273,22 @@ def _unlink_shm(name: str) -> None:
         log(f"e2e: could not unlink {name}: {err}")
 
 
-def render(results: dict[str, Any], info: dict[str, str], workers: list[int], quick: bool) -> str:
+def render(
+    results: dict[str, Any],
+    info: dict[str, str],
+    workers: list[int],
+    timing: tuple[int, int],
+    quick: bool,
+) -> str:
+    seconds, repeats = timing
     parts = [
         "# End-to-end: test project under gunicorn, wrk on 127.0.0.1"
         + (" (--quick smoke run)" if quick else ""),
         "",
         machine_header(info),
         "",
-        f"gunicorn sync workers, wrk -t{WRK_THREADS} -c{CONNECTIONS} with one session cookie. "
+        f"gunicorn sync workers, wrk -t{WRK_THREADS} -c{CONNECTIONS} with one session cookie, "
+        f"{repeats} interleaved run(s) of {seconds} s per path, median req/s. "
         "`/` reads the session, `/incr` reads and saves it, `/ping` never touches it (baseline "
         "of the same server run). wrk shares the machine's cores with the workers.",
     ]
@@ -269,8 +313,8 @@ def render(results: dict[str, Any], info: dict[str, str], workers: list[int], qu
                     f"{rps['/ping']:,.0f}",
                     f"{100 * rps['/'] / ping:.0f} %",
                     f"{100 * rps['/incr'] / ping:.0f} %",
-                    f"{s['lost']} / {s['pairs']} ({s['crossed_workers']} crossed)",
-                    f"{s['incr_final']} / {s['incr_expected']}",
+                    f"{s['lost']} / {s['reads']} ({s['crossed_workers']} crossed)",
+                    f"{s['incr_final']} / {s['incr_expected']} ({s['incr_workers_seen']} workers)",
                     str(bad),
                 ]
             )
@@ -286,7 +330,7 @@ def render(results: dict[str, Any], info: dict[str, str], workers: list[int], qu
                     "/ping",
                     "/ % of ping",
                     "/incr % of ping",
-                    "lost sessions",
+                    "lost reads / reads (other worker)",
                     "incr count",
                     "non-2xx",
                 ],
@@ -353,14 +397,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: 1 s per wrk run")
     parser.add_argument("--backends", default="", help="comma-separated keys (default: all)")
     parser.add_argument("--workers", default="2,4", help="worker counts (default 2,4)")
-    parser.add_argument("--seconds", type=int, default=0, help="wrk duration per path")
+    parser.add_argument("--seconds", type=int, default=0, help="wrk duration per path and repeat")
+    parser.add_argument("--repeats", type=int, default=0, help="interleaved repeats per path")
     args = parser.parse_args(argv)
     env = read_env()
     wrk = env.get("WRK", "")
     info = machine_info()
     workers = [int(w) for w in args.workers.split(",")]
-    seconds = args.seconds or (1 if args.quick else 5)
-    rounds = 20 if args.quick else 100
+    seconds = args.seconds or (1 if args.quick else 3)
+    repeats = args.repeats or (1 if args.quick else 3)
+    rounds = 20 if args.quick else 50
     chosen = [k for k in args.backends.split(",") if k] or [b.key for b in bk.BACKENDS]
     results: dict[str, Any] = {}
     for backend in bk.BACKENDS:
@@ -373,9 +419,9 @@ def main(argv: list[str] | None = None) -> int:
                 results[slot] = {"status": "missing", "reason": reason}
             else:
                 log(f"e2e: {backend.key} with {count} workers ...")
-                results[slot] = run_backend(backend.key, count, wrk, seconds, rounds)
+                results[slot] = run_backend(backend.key, count, wrk, (seconds, repeats), rounds)
             log(f"e2e: {slot}: {results[slot]['status']}")
-    markdown = render(results, info, workers, args.quick)
+    markdown = render(results, info, workers, (seconds, repeats), args.quick)
     path = write_results("e2e", markdown, {"machine": info, "results": results})
     print(markdown)
     log(f"e2e: wrote {path}")

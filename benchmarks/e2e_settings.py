@@ -25,5 +25,7 @@ _workdir = Path(os.environ.get("BENCH_WORKDIR", str(WORK / "e2e" / _backend)))
 
 globals().update(settings_for(_backend, read_env(), _workdir, _shm_name))
 SHMSESSION = {"NAME": _shm_name, "SIZE": "256M"}
+# The project's URLs plus two views that make the lost-session check cross workers for certain.
+ROOT_URLCONF = "benchmarks.e2e_urls"
 # The test project logs WARNING to the console; request errors must reach e2e.py's log file.
 DEBUG = False
