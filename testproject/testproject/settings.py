@@ -36,6 +36,9 @@ if os.environ.get("SHMSESSION_NAME"):
     SHMSESSION["NAME"] = os.environ["SHMSESSION_NAME"]
 
 USE_TZ = True
+# Django exports TIME_ZONE as TZ when settings load (gunicorn's master loads them in on_starting);
+# UTC keeps the server log's timestamps in one zone.
+TIME_ZONE = "UTC"
 LOGGING = {
     "version": 1,
     "disable_existing_loggers": False,

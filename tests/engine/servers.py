@@ -155,8 +155,18 @@ def gunicorn(shm_name: str, size: str, workers: int = 4) -> Server:
         f"127.0.0.1:{server.port}",
         "--graceful-timeout",
         "5",
+        *_no_control_socket(),
     ]
     return server
+
+
+def _no_control_socket() -> list[str]:
+    """gunicorn >= 25 opens a control socket at one fixed path per user; servers started by
+    tests (or by a benchmark running beside them) must not take it from each other."""
+    from gunicorn.config import KNOWN_SETTINGS
+
+    names = {setting.name for setting in KNOWN_SETTINGS}
+    return ["--no-control-socket"] if "control_socket_disable" in names else []
 
 
 def runserver(shm_name: str, size: str) -> Server:

@@ -71,16 +71,12 @@ class Command(BaseCommand):
 
     def _stats(self, table: SessionTable, as_json: bool) -> None:
         stats = table.stats().as_dict()
-        capacity = stats.get("entry_capacity") or 0
-        stats["occupancy_percent"] = (
-            round(100.0 * float(stats.get("entries", 0)) / float(capacity), 2) if capacity else 0.0
-        )
         if as_json:
             self.stdout.write(json.dumps(stats, sort_keys=True))
             return
         width = max(len(k) for k in stats)
         for key, value in stats.items():
-            self.stdout.write(f"{key.ljust(width)}  {value}")
+            self.stdout.write(f"{key.ljust(width)}  {_human(key, value)}")
 
     def _check(self, table: SessionTable, repair: bool, as_json: bool) -> None:
         report = table.check(repair=repair)
@@ -123,3 +119,16 @@ class Command(BaseCommand):
             return True
         answer = input(f"{question} Type 'yes' to continue, or 'no' to cancel: ")
         return answer.strip().lower() == "yes"
+
+
+def _human(key: str, value: int | float | str) -> str:
+    """Byte counts with a readable unit beside them, fractions as percentages."""
+    if key == "occupancy" and isinstance(value, float):
+        return f"{100 * value:.2f} %"
+    if key.endswith(("_size", "_bytes")) and isinstance(value, int) and value >= 1024:
+        return (
+            f"{value} ({value / 1024**2:.1f} MiB)"
+            if value >= 1024**2
+            else f"{value} ({value / 1024:.1f} KiB)"
+        )
+    return str(value)
