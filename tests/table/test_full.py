@@ -1,0 +1,181 @@
+"""A full table: policy "raise" raises TableFull and damages nothing; "evict" drops the entries
+that expire soonest and counts them."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from django_shmsession.exceptions import TableFull
+from django_shmsession.table import SessionTable
+
+from .conftest import TableFactory
+from .helpers import FakeClock, value_for
+
+SMALL = 64 * 1024
+
+
+def fill_until_full(
+    table: SessionTable,
+    clock: FakeClock,
+    size: int,
+    lifetime: Callable[[int], float] = lambda i: 1000.0 + i,
+    limit: int = 10_000,
+) -> dict[str, bytes]:
+    """Insert values of ``size`` bytes until TableFull; return what fits.
+
+    Value ``i`` lives ``lifetime(i)`` seconds (by default: later values live longer).
+    """
+    data: dict[str, bytes] = {}
+    for i in range(limit):
+        key = f"k{i}"
+        value = value_for(key, size)
+        try:
+            table.set(key, value, clock.now + lifetime(i))
+        except TableFull:
+            return data
+        data[key] = value
+    raise AssertionError(f"{limit} values of {size} B fit in a {table.size} B table")
+
+
+def assert_intact(table: SessionTable, data: dict[str, bytes]) -> None:
+    assert {k: table.get(k) for k in data} == data
+    report = table.check()
+    assert report.ok, report.problems
+
+
+@pytest.mark.parametrize("value_size", [1, 200, 3000])
+def test_raise_policy_raises_table_full_and_keeps_everything(
+    make_table: TableFactory, clock: FakeClock, value_size: int
+) -> None:
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(table, clock, value_size)
+    assert data, "not even one value fitted"
+    assert table.get(f"k{len(data)}") is None
+    stats = table.stats()
+    assert stats.table_full_errors == 1
+    assert stats.evictions == 0
+    assert stats.entries == len(data)
+    assert_intact(table, data)
+
+
+def test_raise_policy_table_is_limited_by_entry_slots_or_chunks(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    """One-byte values fill the table exactly to whichever capacity is smaller."""
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    stats = table.stats()
+    data = fill_until_full(table, clock, 1)
+    assert len(data) == min(stats.entry_capacity, stats.chunk_capacity)
+
+
+@pytest.mark.parametrize("operation", ["set", "replace"])
+def test_a_growing_overwrite_of_a_full_table_keeps_the_old_value(
+    make_table: TableFactory, clock: FakeClock, operation: str
+) -> None:
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(table, clock, 200)
+    bigger = value_for("k0", 4096, version=1)
+    try:
+        getattr(table, operation)("k0", bigger, clock.now + 5000)
+    except TableFull:
+        pass
+    else:
+        data["k0"] = bigger
+    assert_intact(table, data)
+
+
+def test_add_to_a_full_table_raises_and_does_not_create(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(table, clock, 200)
+    with pytest.raises(TableFull):
+        table.add("extra", b"x" * 200, clock.now + 1000)
+    assert not table.exists("extra")
+    assert_intact(table, data)
+
+
+def test_after_a_delete_a_full_table_accepts_a_write_again(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(table, clock, 200)
+    table.delete("k3")
+    del data["k3"]
+    table.set("again", b"y" * 200, clock.now + 1000)
+    data["again"] = b"y" * 200
+    assert_intact(table, data)
+
+
+def test_a_table_full_of_expired_entries_is_not_full(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    """Expired sessions are garbage: even the "raise" policy must reuse their space."""
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    fill_until_full(table, clock, 200)
+    clock.advance(100_000)
+    data = {f"new{i}": value_for(f"new{i}", 200) for i in range(20)}
+    for key, value in data.items():
+        table.set(key, value, clock.now + 1000)
+    assert_intact(table, data)
+
+
+def test_evict_policy_makes_room_and_counts_evictions(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table(SMALL, full_policy="evict", max_value_size=4096)
+    probe = make_table(None, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(probe, clock, 200)
+    probe_errors = table.stats().table_full_errors
+    extra = {f"x{i}": value_for(f"x{i}", 200) for i in range(10)}
+    for key, value in extra.items():
+        table.set(key, value, clock.now + 50_000)
+    assert {k: table.get(k) for k in extra} == extra
+    missing = [k for k in data if table.get(k) != data[k]]
+    stats = table.stats()
+    assert missing, "nothing was evicted from a full table"
+    assert all(table.get(k) is None for k in missing), "an entry was damaged, not evicted"
+    assert stats.evictions == len(missing)
+    assert stats.table_full_errors == probe_errors
+    assert table.check().ok
+
+
+def test_evict_policy_drops_the_soonest_expiring_entries(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    """Sampled eviction: nearly every victim comes from the half that expires soonest."""
+    table = make_table(SMALL, full_policy="evict", max_value_size=4096)
+    probe = make_table(None, full_policy="raise", max_value_size=4096)
+    # the odd-numbered half dies in one hour, the even half in ten days
+    data = fill_until_full(probe, clock, 200, lambda i: 3600.0 if i % 2 else 864_000.0)
+    keys = list(data)
+    to_evict = max(4, len(keys) // 6)
+    for i in range(to_evict):
+        table.set(f"x{i}", value_for(f"x{i}", 200), clock.now + 864_000)
+    evicted = [k for k in keys if table.get(k) is None]
+    soon = [k for k in evicted if int(k[1:]) % 2]
+    assert len(evicted) >= to_evict
+    assert len(soon) >= 0.75 * len(evicted), (len(soon), len(evicted))
+
+
+def test_max_value_size_above_half_the_data_space_is_refused(shm_name: str) -> None:
+    """So that a value of the maximum size can always be made room for."""
+    with pytest.raises(ValueError, match="max_value_size"):
+        SessionTable(shm_name, SMALL, max_value_size=SMALL)
+
+
+def test_evict_makes_room_for_a_value_of_the_maximum_size(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    probe = make_table(SMALL, full_policy="raise", max_value_size=1024)
+    stats = probe.stats()
+    largest = stats.chunk_capacity * stats.chunk_size // 2
+    table = make_table(None, full_policy="evict", max_value_size=largest)
+    data = fill_until_full(probe, clock, 200)
+    table.set("huge", b"z" * largest, clock.now + 1000)
+    assert table.get("huge") == b"z" * largest
+    survivors = {k: v for k, v in data.items() if table.get(k) is not None}
+    assert_intact(table, survivors)
+    assert 0 < len(data) - len(survivors) == table.stats().evictions

@@ -1,0 +1,227 @@
+"""Creating, opening and removing segments: sizes, layout checks, permissions, /dev/shm space."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import stat
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from django_shmsession import layout
+from django_shmsession.exceptions import (
+    ForeignSegment,
+    LayoutMismatch,
+    SegmentNotFound,
+    SegmentTooLarge,
+)
+from django_shmsession.table import SessionTable
+
+from .conftest import DEFAULT_SIZE, TableFactory
+from .helpers import FakeClock, leftover_files, raw_mapping, sem_path, shm_path, unique_name
+
+NOBODY = 65534
+
+
+def test_opening_a_missing_table_without_size_raises_and_creates_nothing(shm_name: str) -> None:
+    with pytest.raises(SegmentNotFound, match=shm_name):
+        SessionTable(shm_name)
+    assert leftover_files(shm_name) == []
+
+
+def test_creation_allocates_the_requested_size(table: SessionTable, shm_name: str) -> None:
+    info = os.stat(shm_path(shm_name))
+    assert info.st_size == DEFAULT_SIZE
+    # posix_fallocate reserved the pages: they are counted as allocated blocks, not a sparse file
+    assert info.st_blocks * 512 >= DEFAULT_SIZE
+
+
+def test_reopening_with_the_same_size_keeps_the_data(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    make_table().set("a", b"v", clock.now + 60)
+    assert make_table(DEFAULT_SIZE).get("a") == b"v"
+
+
+@pytest.mark.parametrize("other_size", [DEFAULT_SIZE // 2, DEFAULT_SIZE * 2, DEFAULT_SIZE + 4096])
+def test_opening_with_another_size_raises_and_changes_nothing(
+    make_table: TableFactory, clock: FakeClock, shm_name: str, other_size: int
+) -> None:
+    first = make_table()
+    first.set("a", b"v", clock.now + 60)
+    with open(shm_path(shm_name), "rb") as f:
+        before = f.read()
+    with pytest.raises(LayoutMismatch) as info:
+        SessionTable(shm_name, other_size)
+    assert str(DEFAULT_SIZE) in str(info.value)
+    assert str(other_size) in str(info.value)
+    with open(shm_path(shm_name), "rb") as f:
+        assert f.read() == before
+    assert first.get("a") == b"v"
+
+
+def test_a_segment_with_a_foreign_magic_is_refused(table: SessionTable, shm_name: str) -> None:
+    table.close()
+    with raw_mapping(shm_name) as mapping:
+        mapping[layout.MAGIC_OFFSET : layout.MAGIC_OFFSET + 8] = b"NOTOURS!"
+    for size in (None, DEFAULT_SIZE):
+        with pytest.raises(LayoutMismatch, match="unlink"):
+            SessionTable(shm_name, size)
+    with raw_mapping(shm_name) as mapping:
+        assert mapping[:8] == b"NOTOURS!"  # refused, never re-initialized
+
+
+def test_a_segment_of_another_layout_version_is_refused(table: SessionTable, shm_name: str) -> None:
+    table.close()
+    with raw_mapping(shm_name) as mapping:
+        fields = list(layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET))
+        fields[0] = layout.LAYOUT_VERSION + 1
+        layout.GEOMETRY.pack_into(mapping, layout.GEOMETRY_OFFSET, *fields)
+    with pytest.raises(LayoutMismatch, match=f"version {layout.LAYOUT_VERSION + 1}"):
+        SessionTable(shm_name)
+
+
+def test_segment_and_semaphore_are_private_even_with_a_lax_umask(shm_name: str) -> None:
+    old = os.umask(0)
+    try:
+        table = SessionTable(shm_name, DEFAULT_SIZE)
+    finally:
+        os.umask(old)
+    table.close()
+    assert stat.S_IMODE(os.stat(shm_path(shm_name)).st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(sem_path(shm_name)).st_mode) == 0o600
+
+
+@pytest.mark.parametrize("which", ["segment", "semaphore"])
+def test_a_table_owned_by_another_user_is_refused(
+    table: SessionTable, shm_name: str, which: str
+) -> None:
+    if os.geteuid() != 0:
+        pytest.skip("chown to another uid needs root")
+    table.close()
+    path = shm_path(shm_name) if which == "segment" else sem_path(shm_name)
+    os.chown(path, NOBODY, NOBODY)
+    for size in (None, DEFAULT_SIZE):
+        with pytest.raises(ForeignSegment, match=str(NOBODY)):
+            SessionTable(shm_name, size)
+    assert os.stat(shm_path(shm_name)).st_size == DEFAULT_SIZE
+
+
+def test_a_segment_readable_by_others_is_refused(table: SessionTable, shm_name: str) -> None:
+    table.close()
+    os.chmod(shm_path(shm_name), 0o644)
+    with pytest.raises(ForeignSegment, match="600"):
+        SessionTable(shm_name)
+
+
+def test_unlink_removes_segment_and_semaphore(table: SessionTable, shm_name: str) -> None:
+    assert leftover_files(shm_name) != []
+    table.unlink()
+    assert leftover_files(shm_name) == []
+    with pytest.raises(SegmentNotFound):
+        SessionTable(shm_name)
+
+
+def test_unlink_name_reports_whether_the_table_existed(make_table: TableFactory) -> None:
+    name = make_table().name
+    assert SessionTable.unlink_name(name) is True
+    assert SessionTable.unlink_name(name) is False
+    assert leftover_files(name) == []
+
+
+def test_nothing_unlinks_a_table_on_close_or_process_exit(shm_name: str) -> None:
+    code = f"""
+        from django_shmsession.table import SessionTable
+        t = SessionTable({shm_name!r}, {DEFAULT_SIZE})
+        t.set("a", b"survives", 4e9)
+        t.close()
+        SessionTable({shm_name!r}).get("a")
+    """
+    subprocess.run([sys.executable, "-c", textwrap.dedent(code)], check=True, timeout=60)
+    table = SessionTable(shm_name)
+    try:
+        assert table.get("a") == b"survives"
+    finally:
+        table.close()
+
+
+def test_a_too_small_size_is_refused_with_a_clear_error(shm_name: str) -> None:
+    with pytest.raises(ValueError, match="too small"):
+        SessionTable(shm_name, 4096)
+    assert leftover_files(shm_name) == []
+
+
+@pytest.mark.parametrize("name", ["no-slash", "/two/slashes", "/", "/" + "x" * 300])
+def test_invalid_names_raise_value_error(name: str) -> None:
+    with pytest.raises(ValueError, match="name"):
+        SessionTable(name, DEFAULT_SIZE)
+
+
+# -- /dev/shm too small ------------------------------------------------------------------------
+
+SMALL_SHM_SCRIPT = """
+import os, sys
+from django_shmsession.exceptions import SegmentTooLarge
+from django_shmsession.table import SessionTable
+
+name = sys.argv[1]
+# leave 3 MiB of the 8 MiB tmpfs free, then ask for 4 MiB
+with open("/dev/shm/filler", "wb") as f:
+    os.posix_fallocate(f.fileno(), 0, 5 * 1024 * 1024)
+try:
+    SessionTable(name, 4 * 1024 * 1024)
+except SegmentTooLarge as err:
+    print("SegmentTooLarge:", err)
+else:
+    print("created")
+print("left:", sorted(f for f in os.listdir("/dev/shm") if f != "filler"))
+small = SessionTable(name, 1024 * 1024)  # what does fit still works
+small.set("a", b"v", 4e9)
+print("small:", small.get("a"))
+"""
+
+
+@pytest.mark.slow
+def test_a_table_larger_than_free_dev_shm_fails_at_creation_and_leaves_nothing(
+    tmp_path: os.PathLike[str],
+) -> None:
+    """Run in a private mount namespace whose /dev/shm is an 8 MiB tmpfs we filled to 5 MiB."""
+    unshare = shutil.which("unshare")
+    if unshare is None or os.geteuid() != 0:
+        pytest.skip("needs root and unshare(1) to mount a private small /dev/shm")
+    name = unique_name()
+    command = [
+        unshare,
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        'mount -t tmpfs -o size=8m,mode=1777 tmpfs /dev/shm && exec "$0" -c "$1" "$2"',
+        sys.executable,
+        SMALL_SHM_SCRIPT,
+        name,
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=60)
+    if result.returncode != 0 and "mount" in result.stderr and "Traceback" not in result.stderr:
+        pytest.skip(f"cannot mount a tmpfs here: {result.stderr.strip()}")
+    assert result.returncode == 0, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("SegmentTooLarge:"), result.stdout
+    assert str(4 * 1024 * 1024) in lines[0]
+    assert "--shm-size" in lines[0]
+    assert lines[1] == "left: []"
+    assert lines[2] == "small: b'v'"
+    assert leftover_files(name) == []  # the real /dev/shm never saw it
+
+
+def test_segment_too_large_is_raised_for_a_size_beyond_dev_shm(shm_name: str) -> None:
+    """A size above the whole tmpfs fails at once (the kernel refuses before allocating)."""
+    info = os.statvfs("/dev/shm")
+    total = info.f_blocks * info.f_frsize
+    with pytest.raises(SegmentTooLarge):
+        SessionTable(shm_name, total + 64 * 1024 * 1024)
+    assert leftover_files(shm_name) == []
