@@ -46,6 +46,8 @@ class SessionStore(SessionBase):
         return keys.new_session_key()
 
     def load(self) -> dict[str, Any]:
+        """The stored dict, or ``{}`` (and no key) if it is missing, expired or undecodable, so
+        the next save creates a fresh key instead of reviving one a client chose."""
         key = self.session_key
         blob = get_table().get(key) if key is not None else None
         if blob is not None:
@@ -59,7 +61,7 @@ class SessionStore(SessionBase):
         return {}
 
     def exists(self, session_key: str | None) -> bool:
-        return keys.is_valid_key(session_key) and get_table().exists(session_key)  # type: ignore[arg-type]
+        return keys.is_valid_key(session_key) and get_table().exists(session_key)
 
     def create(self) -> None:
         """Save an empty session under a new key; ``add`` makes a key collision a retry."""
@@ -73,6 +75,9 @@ class SessionStore(SessionBase):
             return
 
     def save(self, must_create: bool = False) -> None:
+        """``add`` for a new session (CreateError if the key is taken), ``replace`` otherwise
+        (UpdateError if it was deleted or expired meanwhile: never resurrected). Expiry is on
+        ``time.time()``, the table's clock."""
         if self.session_key is None:
             return self.create()
         # _get_session is SessionBase API the stubs omit (Django's own backends call it).

@@ -15,6 +15,7 @@ Django's entropy.
 from __future__ import annotations
 
 import os
+from typing import TypeGuard
 
 from django.contrib.sessions.backends.base import VALID_KEY_CHARS
 
@@ -47,7 +48,7 @@ MIN_KEY_LENGTH = 8
 MAX_KEY_LENGTH = 64
 
 
-def is_valid_key(key: object) -> bool:
+def is_valid_key(key: object) -> TypeGuard[str]:
     """Whether ``key`` (untrusted: it comes from a cookie) may be looked up in the table.
 
     Only strings of 8 to 64 characters from the key alphabet pass, so a hostile cookie can never
