@@ -1,0 +1,469 @@
+"""Processes killed inside writes, dead and recycled lock holders, signals during a wait.
+
+The children here use the real clock and far-future expiries; the test process opens its own
+handles with a short ``lock_timeout`` and a watchdog, so a table that fails to recover makes the
+test fail rather than hang.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import signal
+import struct
+import time
+from typing import Any
+
+import pytest
+
+from django_shmsession import layout
+from django_shmsession.exceptions import LockTimeout, TableFull
+from django_shmsession.table import FAULT_POINTS, SessionTable
+
+from .conftest import DEFAULT_SIZE
+from .helpers import raw_mapping, semaphore_acquirable_exactly_once, value_for, watchdog
+from .procs import Child, Conn, kill_self_at, start_lock_holder
+
+pytestmark = pytest.mark.multiprocess
+
+FAR = 4e9
+WORD = struct.Struct("<Q")
+
+
+def assert_healthy(table: SessionTable) -> None:
+    report = table.check()
+    assert report.ok, report.problems
+    assert semaphore_acquirable_exactly_once(table.name)
+
+
+def proc_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat, parsed here independently of the code under test."""
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return int(stat[stat.rfind(b")") + 2 :].split()[19])
+
+
+def write_owner(name: str, pid: int, start_time: int) -> None:
+    """Overwrite the lock-owner words of the segment (as a recycled pid would look)."""
+    with raw_mapping(name) as mapping:
+        base = layout.CONTROL_OFFSET
+        WORD.pack_into(mapping, base + 8 * layout.CTL_OWNER_START, start_time)
+        WORD.pack_into(mapping, base + 8 * layout.CTL_OWNER_PID, pid)
+
+
+def sleeper(conn: Conn) -> None:
+    """A live process that holds nothing: its pid plays a recycled pid."""
+    conn.send("up")
+    conn.recv()
+
+
+# -- SIGKILL at every fault point --------------------------------------------------------------
+
+# (operation, key, value size): a workload that passes every fault point of a write, on a table
+# the test preloaded. Each op writes a distinct version of its value (version = op index).
+MAIN_OPS: list[tuple[str, str, int]] = [
+    ("get", "old-lazy", 0),  # expired: reclaimed lazily (a delete inside a read)
+    ("set", "n1", 300),  # insert
+    ("set", "n1", 5000),  # update, multi-chunk
+    ("add", "n2", 100),
+    ("replace", "rep", 2000),
+    ("delete", "del", 0),
+    ("clear_expired", "", 0),
+    ("set", "n3", 0),
+]
+PRELOAD = {f"pre-{i}": 37 * i for i in range(10)} | {"rep": 700, "del": 1500}
+EXPIRED = ["old-lazy", *(f"old-{i}" for i in range(5))]
+
+
+def run_op(table: SessionTable, index: int, op: str, key: str, size: int) -> Any:
+    if op in ("set", "add", "replace"):
+        return getattr(table, op)(key, value_for(key, size, index), FAR)
+    if op in ("get", "delete"):
+        return getattr(table, op)(key)
+    return table.clear_expired()
+
+
+def model_after(ops_done: int) -> dict[str, bytes | None]:
+    """The expected contents after the first ``ops_done`` operations of MAIN_OPS."""
+    model: dict[str, bytes | None] = {k: value_for(k, s) for k, s in PRELOAD.items()}
+    model |= {k: None for k in ["n1", "n2", "n3", *EXPIRED]}
+    for index, (op, key, size) in enumerate(MAIN_OPS[:ops_done]):
+        value = value_for(key, size, index)
+        if (
+            op == "set"
+            or (op == "add" and model[key] is None)
+            or (op == "replace" and model[key] is not None)
+        ):
+            model[key] = value
+        elif op == "delete":
+            model[key] = None
+    return model
+
+
+def preload(name: str) -> None:
+    with SessionTable(name, DEFAULT_SIZE, full_policy="raise") as table:
+        for key, size in PRELOAD.items():
+            table.set(key, value_for(key, size), FAR)
+        for key in EXPIRED:
+            table.set(key, b"stale", time.time() - 10)
+
+
+def crash_workload(conn: Conn, name: str, point: str) -> None:
+    """Child: run MAIN_OPS, reporting each start and finish, dying at ``point``."""
+    table = SessionTable(name, full_policy="raise")
+    kill_self_at(point)
+    for index, (op, key, size) in enumerate(MAIN_OPS):
+        conn.send(("start", index))
+        run_op(table, index, op, key, size)
+        conn.send(("done", index))
+    conn.send(("finished",))
+
+
+def last_started(child: Child) -> int:
+    """Index of the operation in flight when the child died (it must have died)."""
+    in_flight = -1
+    while True:
+        try:
+            message = child.recv(timeout=20)
+        except AssertionError:
+            break  # EOF: the child is dead
+        if message[0] == "finished":
+            child.join()
+            return -1
+        if message[0] == "start":
+            in_flight = message[1]
+    return in_flight
+
+
+@pytest.mark.parametrize("point", FAULT_POINTS)
+def test_sigkill_at_a_fault_point_loses_at_most_the_write_in_flight(
+    shm_name: str, point: str
+) -> None:
+    preload(shm_name)
+    child = Child(crash_workload, shm_name, point)
+    in_flight = last_started(child)
+    assert in_flight >= 0, f"the workload never reached fault point {point!r}"
+    assert child.join() == -signal.SIGKILL
+    table = SessionTable(shm_name, lock_timeout=5)
+    try:
+        with watchdog(30):
+            table.get("pre-0")  # the next acquire must notice the dead holder and recover
+        stats = table.stats()
+        assert stats.lock_recoveries == 1
+        before, after = model_after(in_flight), model_after(in_flight + 1)
+        contents = {key: table.get(key) for key in before}
+        assert contents in (before, after), f"in flight: {MAIN_OPS[in_flight]}"
+        assert_healthy(table)
+        table.set("post-crash", b"writes work again", FAR)
+        assert table.get("post-crash") == b"writes work again"
+    finally:
+        table.close()
+
+
+def test_every_fault_point_is_covered_by_the_workload() -> None:
+    """Guards the test above: a new fault point must be reached by MAIN_OPS or by a new op."""
+    kinds = {point.split(":")[0] for point in FAULT_POINTS}
+    assert kinds <= {"lock", "insert", "update", "delete"}
+
+
+# -- SIGKILL at random moments under load ------------------------------------------------------
+
+
+POOL = value_for("pool", 6000)
+
+
+def load_value(key: str, version: int) -> bytes:
+    """Cheap to build (the writers must spend their time in the table, under the lock)."""
+    size = (version * 577) % 6000
+    return (f"{key}#{version}#".encode() + POOL)[:size]
+
+
+def load_writer(conn: Conn, name: str, wid: int, ack_path: str) -> None:
+    """Child: overwrite 40 own keys in rotation, appending an ack line after each write.
+
+    An ack is one ``os.write`` on an O_APPEND file, so a SIGKILL never tears it.
+    """
+    table = SessionTable(name, full_policy="raise", lock_timeout=10)
+    fd = os.open(ack_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    conn.send("up")
+    deadline = time.monotonic() + 30  # a bound in case the test dies without killing us
+    version = 0
+    while time.monotonic() < deadline:
+        key = f"w{wid}-{version % 40}"
+        table.set(key, load_value(key, version), FAR)
+        os.write(fd, f"{key} {version}\n".encode())
+        version += 1
+
+
+def read_acks(ack_path: str) -> dict[str, int]:
+    """Last acknowledged version per key."""
+    last: dict[str, int] = {}
+    with open(ack_path) as f:
+        for line in f:
+            key, version = line.split()
+            last[key] = int(version)
+    return last
+
+
+@pytest.mark.slow
+def test_random_sigkills_under_load_lose_no_acknowledged_write(
+    shm_name: str, tmp_path: os.PathLike[str]
+) -> None:
+    """Kill writers at random until some died holding the lock (at most 80 kills)."""
+    rng = random.Random(1234)
+    table = SessionTable(shm_name, 8 * DEFAULT_SIZE, full_policy="raise", lock_timeout=5)
+    writers: dict[int, Child] = {}
+    next_wid = kills = 0
+
+    def spawn() -> None:
+        nonlocal next_wid
+        path = os.path.join(tmp_path, f"acks-{next_wid}")
+        writers[next_wid] = Child(load_writer, shm_name, next_wid, path)
+        assert writers[next_wid].recv() == "up"
+        next_wid += 1
+
+    try:
+        for _ in range(3):
+            spawn()
+        while kills < 80 and (kills < 10 or table.stats().lock_recoveries < 3):
+            time.sleep(rng.uniform(0.002, 0.03))
+            writers.pop(rng.choice(sorted(writers))).kill()
+            kills += 1
+            spawn()
+    finally:
+        for child in writers.values():
+            child.kill()
+    try:
+        with watchdog(30):
+            table.get("w0-0")
+        for wid in range(next_wid):
+            for key, version in read_acks(os.path.join(tmp_path, f"acks-{wid}")).items():
+                # the acked version, or the next write of that key if it landed unacknowledged
+                allowed = (load_value(key, version), load_value(key, version + 40))
+                assert table.get(key) in allowed, (key, version)
+        stats = table.stats()
+        assert stats.lock_recoveries >= 1, f"none of {kills} kills hit a lock holder"
+        assert stats.table_full_errors == 0
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+# -- dead, live and recycled lock holders ------------------------------------------------------
+
+
+def test_a_live_holder_is_never_robbed(shm_name: str) -> None:
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=0.5)
+    try:
+        holder = start_lock_holder(shm_name, "held", b"by a live process", FAR)
+        with watchdog(30), pytest.raises(LockTimeout, match=str(holder.pid)):
+            table.get("held")
+        holder.send("go")
+        assert holder.recv() == ("done",)
+        assert holder.join() == 0
+        assert table.get("held") == b"by a live process"
+        assert table.stats().lock_recoveries == 0
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+def test_recycled_pid_with_another_start_time_counts_as_dead(shm_name: str) -> None:
+    """The dead holder's pid now names a live process: its start time gives it away."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    table.set("keep", b"v", FAR)
+    holder = start_lock_holder(shm_name, "lost", b"x", FAR)
+    holder.kill()
+    other = Child(sleeper)
+    try:
+        assert other.recv() == "up"
+        write_owner(shm_name, other.pid, proc_start_time(other.pid) + 1)
+        with watchdog(30):
+            assert table.get("keep") == b"v"
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        other.kill()
+        table.close()
+
+
+def test_a_live_pid_with_its_own_start_time_is_never_robbed(shm_name: str) -> None:
+    """Owner words naming a live process block waiters (LockTimeout) until it is gone."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=0.5)
+    table.set("keep", b"v", FAR)
+    holder = start_lock_holder(shm_name, "lost", b"x", FAR)
+    holder.kill()
+    other = Child(sleeper)
+    try:
+        assert other.recv() == "up"
+        write_owner(shm_name, other.pid, proc_start_time(other.pid))
+        with watchdog(30), pytest.raises(LockTimeout):
+            table.get("keep")
+        assert not table.recover_dead_holder()
+        other.kill()  # now the recorded owner really is dead
+        with watchdog(30):
+            assert table.get("keep") == b"v"
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        other.kill()
+        table.close()
+
+
+def test_recover_dead_holder_adopts_once_and_releases(shm_name: str) -> None:
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    try:
+        table.set("keep", b"v", FAR)
+        assert table.recover_dead_holder() is False  # nobody holds the lock
+        holder = start_lock_holder(shm_name, "lost", value_for("lost", 3000), FAR)
+        assert table.recover_dead_holder() is False  # a live holder is left alone
+        holder.kill()
+        assert table.recover_dead_holder() is True
+        assert table.recover_dead_holder() is False
+        assert semaphore_acquirable_exactly_once(shm_name)
+        assert table.get("keep") == b"v"
+        assert table.get("lost") in (None, value_for("lost", 3000))
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+def waiter(conn: Conn, name: str, index: int) -> None:
+    """Child: wait for the lock (held by someone else) to write one key."""
+    table = SessionTable(name, lock_timeout=10)
+    conn.send("ready")
+    table.set(f"waiter-{index}", f"w{index}".encode(), FAR)
+    conn.send("done")
+    table.close()
+
+
+def test_many_waiters_see_a_dead_holder_and_exactly_one_adopts(shm_name: str) -> None:
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    try:
+        holder = start_lock_holder(shm_name, "lost", b"x", FAR)
+        waiters = [Child(waiter, shm_name, i) for i in range(5)]
+        assert [w.recv() for w in waiters] == ["ready"] * 5
+        time.sleep(0.3)  # let every waiter block in its timed wait (setup, not an assertion)
+        holder.kill()
+        assert [w.recv(timeout=30) for w in waiters] == ["done"] * 5
+        assert [w.join() for w in waiters] == [0] * 5
+        assert all(table.get(f"waiter-{i}") == f"w{i}".encode() for i in range(5))
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+# -- signals while waiting ---------------------------------------------------------------------
+
+
+def signalled_waiter(conn: Conn, name: str) -> None:
+    """Child: count SIGUSR1/SIGALRM while blocked on the lock; the wait must survive them."""
+    counts = {signal.SIGUSR1: 0, signal.SIGALRM: 0}
+
+    def handler(signum: int, frame: object) -> None:
+        counts[signal.Signals(signum)] += 1
+
+    signal.signal(signal.SIGUSR1, handler)
+    signal.signal(signal.SIGALRM, handler)
+    table = SessionTable(name, lock_timeout=20)
+    conn.send("ready")
+    table.set("patient", b"got the lock", FAR)
+    conn.send(("done", counts[signal.SIGUSR1], counts[signal.SIGALRM]))
+
+
+def test_signals_interrupting_a_lock_wait_are_retried(shm_name: str) -> None:
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    try:
+        holder = start_lock_holder(shm_name, "held", b"v", FAR)
+        child = Child(signalled_waiter, shm_name)
+        assert child.recv() == "ready"
+        time.sleep(0.1)
+        for _ in range(5):
+            for signum in (signal.SIGUSR1, signal.SIGALRM):
+                os.kill(child.pid, signum)
+                time.sleep(0.02)
+        assert not child.conn.poll(0.1), "the waiter got the lock while a live process held it"
+        holder.send("go")
+        assert holder.recv() == ("done",)
+        done, usr1, alrm = child.recv(timeout=20)
+        assert (done, usr1 > 0, alrm > 0) == ("done", True, True)
+        assert child.join() == 0
+        assert holder.join() == 0
+        assert table.get("patient") == b"got the lock"
+        assert table.get("held") == b"v"
+        assert table.stats().lock_recoveries == 0
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+def interrupted_waiter(conn: Conn, name: str) -> None:
+    """Child: a SIGUSR1 handler that raises aborts the wait; the lock must not stay taken."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise KeyboardInterrupt
+
+    signal.signal(signal.SIGUSR1, handler)
+    table = SessionTable(name, lock_timeout=20)
+    conn.send("ready")
+    try:
+        table.set("aborted", b"x", FAR)
+    except KeyboardInterrupt:
+        conn.send("interrupted")
+    else:
+        conn.send("not interrupted")
+    conn.recv()
+    table.set("later", b"y", FAR)
+    conn.send("done")
+
+
+def test_a_signal_handler_that_raises_leaves_the_lock_free(shm_name: str) -> None:
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    try:
+        holder = start_lock_holder(shm_name, "held", b"v", FAR)
+        child = Child(interrupted_waiter, shm_name)
+        assert child.recv() == "ready"
+        time.sleep(0.1)
+        os.kill(child.pid, signal.SIGUSR1)
+        assert child.recv() == "interrupted"
+        holder.send("go")
+        assert holder.recv() == ("done",)
+        assert semaphore_acquirable_exactly_once(shm_name)
+        child.send("go")
+        assert child.recv() == "done"
+        assert child.join() == 0
+        assert table.get("aborted") is None
+        assert table.get("later") == b"y"
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+# -- a full table during recovery --------------------------------------------------------------
+
+
+def test_a_crash_in_a_full_table_keeps_the_raise_policy_honest(shm_name: str) -> None:
+    """After recovery, a table that was full stays full: repair must not lose or invent room."""
+    table = SessionTable(shm_name, 64 * 1024, full_policy="raise", max_value_size=4096)
+    try:
+        stored: dict[str, bytes] = {}
+        for i in range(1000):
+            try:
+                table.set(f"k{i}", value_for(f"k{i}", 300), FAR)
+            except TableFull:
+                break
+            stored[f"k{i}"] = value_for(f"k{i}", 300)
+        holder = start_lock_holder(shm_name, "k0", value_for("k0", 300, 1), FAR)
+        holder.kill()
+        with watchdog(30):
+            assert table.get("k1") == stored["k1"]
+        stored["k0"] = table.get("k0") or b"missing"
+        assert stored["k0"] in (value_for("k0", 300), value_for("k0", 300, 1))
+        with pytest.raises(TableFull):
+            table.set("one-more", b"x" * 300, FAR)
+        assert {k: table.get(k) for k in stored} == stored
+        assert_healthy(table)
+    finally:
+        table.close()
