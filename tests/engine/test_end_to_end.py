@@ -7,8 +7,11 @@ worker SIGKILLed under traffic, and survives a full server restart.
 from __future__ import annotations
 
 import http.client
+import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -176,3 +179,25 @@ def test_runserver_smoke(shm_name: str, tmp_path: Path) -> None:
         server.stop()
     # The table is the same one the engine in this process sees.
     assert store.get_table().stats().entries == 1
+
+
+def test_unlink_while_serving_moves_every_worker_to_the_new_segment(
+    gunicorn_server: servers.Server, shm_name: str
+) -> None:
+    """`shmsession unlink` from another process while gunicorn serves: every worker switches to
+    the new segment (the one a freshly started process sees) instead of staying on the orphan."""
+    port = gunicorn_server.port
+    old = new_session(port, "?foo=before")
+    manage = [sys.executable, "manage.py", "shmsession"]
+    env = servers.project_env(shm_name, TEST_SIZE)
+    subprocess.run([*manage, "unlink", "--noinput"], cwd=servers.PROJECT, env=env, check=True)
+    time.sleep(store.RECHECK_INTERVAL + 0.2)  # every worker is due for its next check
+    cookie = new_session(port, "?foo=after")
+    bodies, pids = read_many(port, cookie)
+    assert all(body["foo"] == "after" for body in bodies)
+    assert len(pids) > 1
+    stats = subprocess.run(
+        [*manage, "stats", "--json"], cwd=servers.PROJECT, env=env, check=True, capture_output=True
+    )
+    assert json.loads(stats.stdout)["entries"] >= 1
+    assert servers.request(port, "/", old).body["foo"] is None  # unlink dropped the old ones
