@@ -28,7 +28,7 @@ class Command(BaseCommand):
         check.add_argument("--json", action="store_true", help="one JSON object, for scripts")
         for name, text in (
             ("clear", "delete every session (everyone is logged out)"),
-            ("unlink", "remove the segment and its semaphores (restart the workers after)"),
+            ("unlink", "remove the segment and its semaphores (every session is lost)"),
         ):
             sub = actions.add_parser(name, help=text)
             sub.add_argument(
@@ -103,7 +103,7 @@ class Command(BaseCommand):
     def _unlink(self, config: conf.ShmSessionConfig, interactive: bool) -> None:
         question = (
             f"Remove the segment {config.name!r} and its semaphores? Every session is lost; "
-            f"restart the workers afterwards so they create a new one."
+            f"running workers switch to a new, empty table within a second."
         )
         if not self._confirm(interactive, question):
             self.stdout.write("Nothing removed.")
