@@ -71,6 +71,8 @@ def test_session_set_in_one_worker_is_read_by_others(gunicorn_server: servers.Se
     assert all(body["foo"] == "bar" for body in bodies)
     assert len(pids) > 1, f"only worker(s) {pids} answered {len(bodies)} requests"
     assert pids <= gunicorn_server.children()
+    # The master opened the table before forking (our on_starting hook ran).
+    assert "django-shmsession: table" in gunicorn_server.log()
 
 
 def test_counter_is_shared_by_all_workers(gunicorn_server: servers.Server) -> None:
