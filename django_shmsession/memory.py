@@ -84,8 +84,22 @@ class TableMemory:
 
     # -- entries --------------------------------------------------------------------------------
 
+    def entry_hwm(self) -> int:
+        """Entries below this index have been used; checked against the capacity."""
+        hwm: int = self.control[CTL_ENTRY_HWM]
+        if hwm > self.geometry.entry_capacity:
+            raise CorruptTable(f"entry high-water mark {hwm} exceeds the capacity")
+        return hwm
+
+    def chunk_hwm(self) -> int:
+        """Chunks below this index have been used; checked against the capacity."""
+        hwm: int = self.control[CTL_CHUNK_HWM]
+        if hwm > self.geometry.chunk_capacity:
+            raise CorruptTable(f"chunk high-water mark {hwm} exceeds the capacity")
+        return hwm
+
     def check_entry_index(self, index: int) -> None:
-        if index >= self.control[CTL_ENTRY_HWM]:
+        if index >= self.entry_hwm():
             raise CorruptTable(f"entry index {index} is out of range")
 
     def head(self, index: int) -> tuple[int, int, int, int, int]:
@@ -157,7 +171,7 @@ class TableMemory:
         owners = self.owners
         links = self.links
         tag = index + 1
-        hwm = self.control[CTL_CHUNK_HWM]
+        hwm = self.chunk_hwm()
         chunk = first
         for _ in range(self.geometry.chunks_for(length)):
             if chunk >= hwm or owners[chunk] != tag:
@@ -172,7 +186,7 @@ class TableMemory:
         if length <= size:
             if length == 0:
                 return b""
-            if first >= self.control[CTL_CHUNK_HWM] or self.owners[first] != index + 1:
+            if first >= self.chunk_hwm() or self.owners[first] != index + 1:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
             start = geometry.chunk_offset(first)
             return self.mm[start : start + length]

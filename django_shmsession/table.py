@@ -387,7 +387,7 @@ class SessionTable:
         mask = memory.mask
         bucket = key_hash & mask
         index = memory.buckets[bucket]
-        hwm = self._control[CTL_ENTRY_HWM]
+        hwm = memory.entry_hwm()
         entry = memory.entry
         for _ in range(hwm + 1):
             if index == NIL:
@@ -553,7 +553,7 @@ class SessionTable:
         bucket = key_hash & memory.mask
         current = memory.buckets[bucket]
         previous = NIL
-        for _ in range(self._control[CTL_ENTRY_HWM] + 1):
+        for _ in range(memory.entry_hwm() + 1):
             if current == index:
                 if previous == NIL:
                     memory.buckets[bucket] = next_index
@@ -575,10 +575,13 @@ class SessionTable:
         if (
             need_entry
             and control[CTL_FREE_ENTRY] == NIL
-            and control[CTL_ENTRY_HWM] >= geometry.entry_capacity
+            and self._memory.entry_hwm() >= geometry.entry_capacity
         ):
             return False
-        return geometry.chunk_capacity - control[CTL_CHUNKS_USED] >= chunks
+        used = control[CTL_CHUNKS_USED]
+        if used > geometry.chunk_capacity or control[CTL_ENTRIES] > geometry.entry_capacity:
+            raise CorruptTable("the entry or chunk count exceeds the capacity")
+        return geometry.chunk_capacity - used >= chunks
 
     def _make_room(self, need_entry: bool, chunks: int, protect: int) -> None:
         """Reclaim expired entries, then (policy "evict") evict the soonest-expiring ones."""
@@ -598,7 +601,7 @@ class SessionTable:
     def _pick_victim(self, protect: int) -> tuple[int, bool]:
         """Sample entries like Redis's volatile-ttl; (index of soonest expiry, already expired)."""
         memory = self._memory
-        hwm = self._control[CTL_ENTRY_HWM]
+        hwm = memory.entry_hwm()
         best, best_expiry, sampled = NIL, float("inf"), 0
         if hwm == 0:
             return NIL, False
@@ -632,7 +635,7 @@ class SessionTable:
                 raise CorruptTable(f"free-entry stack holds entry {head}, which is in use")
             control[CTL_FREE_ENTRY] = next_index
             return head
-        hwm = control[CTL_ENTRY_HWM]
+        hwm = memory.entry_hwm()
         if hwm >= memory.geometry.entry_capacity:
             raise CorruptTable("no free entry although the free count said there was one")
         control[CTL_ENTRY_HWM] = hwm + 1
@@ -646,7 +649,7 @@ class SessionTable:
         control = self._control
         links, owners = memory.links, memory.owners
         capacity = memory.geometry.chunk_capacity
-        head, hwm = control[CTL_FREE_CHUNK], control[CTL_CHUNK_HWM]
+        head, hwm = control[CTL_FREE_CHUNK], memory.chunk_hwm()
         first = previous = NIL
         for _ in range(count):
             if head != NIL:
@@ -711,7 +714,7 @@ class SessionTable:
     def _sweep(self, start: int, batch_size: int) -> tuple[int, int, bool]:
         memory = self._memory
         now = self._clock()
-        hwm = self._control[CTL_ENTRY_HWM]
+        hwm = memory.entry_hwm()
         end = min(start + batch_size, hwm)
         removed = 0
         for index in range(start, end):
