@@ -22,6 +22,8 @@ from .layout import (
     CONTROL_WORDS,
     CTL_CHUNK_HWM,
     CTL_ENTRY_HWM,
+    CTL_FREE_CHUNK,
+    CTL_FREE_ENTRY,
     DESCRIPTOR,
     ENTRY,
     ENTRY_ACTIVE_OFFSET,
@@ -32,6 +34,7 @@ from .layout import (
     ENTRY_SIZE,
     ENTRY_STATE_OFFSET,
     KEY_MAX,
+    NIL,
     U32,
 )
 from .segment import Segment
@@ -97,6 +100,20 @@ class TableMemory:
         if hwm > self.geometry.chunk_capacity:
             raise CorruptTable(f"chunk high-water mark {hwm} exceeds the capacity")
         return hwm
+
+    def free_entry_head(self) -> int:
+        """Top of the free-entry stack: NIL or a used-before entry index (checked)."""
+        head: int = self.control[CTL_FREE_ENTRY]
+        if head != NIL and head >= self.entry_hwm():
+            raise CorruptTable(f"free-entry stack head {head} is out of range")
+        return head
+
+    def free_chunk_head(self) -> int:
+        """Top of the free-chunk stack: NIL or a used-before chunk index (checked)."""
+        head: int = self.control[CTL_FREE_CHUNK]
+        if head != NIL and head >= self.chunk_hwm():
+            raise CorruptTable(f"free-chunk stack head {head} is out of range")
+        return head
 
     def check_entry_index(self, index: int) -> None:
         if index >= self.entry_hwm():

@@ -542,7 +542,7 @@ class SessionTable:
         self._free_chunks(index, first, length)
         if _fault_hook is not None:
             _fault_hook("delete:chunks_freed")
-        memory.set_next(index, control[CTL_FREE_ENTRY])
+        memory.set_next(index, memory.free_entry_head())
         control[CTL_FREE_ENTRY] = index
         control[CTL_ENTRIES] -= 1
         control[CTL_VALUE_BYTES] -= length
@@ -627,9 +627,8 @@ class SessionTable:
     def _alloc_entry(self) -> int:
         memory = self._memory
         control = self._control
-        head = control[CTL_FREE_ENTRY]
+        head = memory.free_entry_head()
         if head != NIL:
-            memory.check_entry_index(head)
             state, _active, _key_len, next_index, _hash = memory.head(head)
             if state != ENTRY_FREE:
                 raise CorruptTable(f"free-entry stack holds entry {head}, which is in use")
@@ -649,7 +648,7 @@ class SessionTable:
         control = self._control
         links, owners = memory.links, memory.owners
         capacity = memory.geometry.chunk_capacity
-        head, hwm = control[CTL_FREE_CHUNK], memory.chunk_hwm()
+        head, hwm = memory.free_chunk_head(), memory.chunk_hwm()
         first = previous = NIL
         for _ in range(count):
             if head != NIL:
@@ -683,7 +682,7 @@ class SessionTable:
             return
         for chunk in chain:
             owners[chunk] = 0
-        memory.links[chain[-1]] = control[CTL_FREE_CHUNK]
+        memory.links[chain[-1]] = memory.free_chunk_head()
         control[CTL_FREE_CHUNK] = first
         control[CTL_CHUNKS_USED] -= len(chain)
 
