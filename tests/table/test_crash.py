@@ -14,6 +14,7 @@ import struct
 import time
 from typing import Any
 
+import posix_ipc
 import pytest
 
 from django_shmsession import layout
@@ -467,3 +468,48 @@ def test_a_crash_in_a_full_table_keeps_the_raise_policy_honest(shm_name: str) ->
         assert_healthy(table)
     finally:
         table.close()
+
+
+# -- holders that died at awkward moments ------------------------------------------------------
+
+
+def test_a_holder_that_died_before_recording_itself_is_adopted(shm_name: str) -> None:
+    """Semaphore taken, owner words empty (death between sem_wait and writing the pid)."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=0.3)
+    try:
+        table.set("keep", b"v", FAR)
+        raw = posix_ipc.Semaphore(shm_name + ".lock")
+        raw.acquire(0)  # taken and never released nor recorded, as by a process that died
+        raw.close()
+        with watchdog(20):
+            assert table.get("keep") == b"v"
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+def test_a_zombie_holder_counts_as_dead(shm_name: str) -> None:
+    """A killed worker stays a zombie until its parent reaps it; it holds nothing."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    holder = start_lock_holder(shm_name, "lost", b"x", FAR)
+    try:
+        os.kill(holder.pid, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while proc_state(holder.pid) != "Z" and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert proc_state(holder.pid) == "Z"
+        with watchdog(20):
+            table.set("keep", b"v", FAR)
+        assert table.get("keep") == b"v"
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        holder.kill()
+        table.close()
+
+
+def proc_state(pid: int) -> str:
+    with open(f"/proc/{pid}/stat", "rb") as f:
+        stat = f.read()
+    return stat[stat.rfind(b")") + 2 :].split()[0].decode()

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from django_shmsession.exceptions import ValueTooLarge
-from django_shmsession.table import CheckReport, SessionTable, TableStats
+from django_shmsession.exceptions import ShmSessionError, ValueTooLarge
+from django_shmsession.table import CheckReport, SessionTable, TableStats, set_fault_hook
 
 from .conftest import TableFactory
 from .helpers import FakeClock, value_for
@@ -450,3 +450,41 @@ def test_close_twice_is_harmless(make_table: TableFactory) -> None:
     table.close()
     table.close()
     assert make_table(None).stats().entries == 0
+
+
+# -- argument types, closed handles, batching --------------------------------------------------
+
+
+def test_keys_must_be_str_and_values_bytes(table: SessionTable, clock: FakeClock) -> None:
+    with pytest.raises(TypeError):
+        table.set(b"bytes-key", b"v", later(clock))  # type: ignore[arg-type]
+    with pytest.raises(TypeError):
+        table.set("k", "a str value", later(clock))  # type: ignore[arg-type]
+    assert table.stats().entries == 0
+
+
+def test_a_closed_handle_refuses_work_with_a_clear_error(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table()
+    table.close()
+    with pytest.raises(ShmSessionError, match="closed"):
+        table.get("a")
+    with pytest.raises(ShmSessionError, match="closed"):
+        table.set("a", b"v", later(clock))
+
+
+def test_clear_expired_releases_the_lock_between_batches(
+    table: SessionTable, clock: FakeClock
+) -> None:
+    """Counted with the fault hook: one lock acquisition per batch, not one for the sweep."""
+    for i in range(100):
+        table.set(f"k{i}", b"v", later(clock, 10))
+    clock.advance(20)
+    acquisitions: list[str] = []
+    set_fault_hook(lambda point: acquisitions.append(point) if point == "lock:acquired" else None)
+    try:
+        assert table.clear_expired(batch_size=10) == 100
+    finally:
+        set_fault_hook(None)
+    assert len(acquisitions) >= 10

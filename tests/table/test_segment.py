@@ -225,3 +225,19 @@ def test_segment_too_large_is_raised_for_a_size_beyond_dev_shm(shm_name: str) ->
     with pytest.raises(SegmentTooLarge):
         SessionTable(shm_name, total + 64 * 1024 * 1024)
     assert leftover_files(shm_name) == []
+
+
+def test_each_table_gets_its_own_random_hash_secret(make_table: TableFactory) -> None:
+    """Keys are hashed with a secret kept in the segment, so hash floods cannot be precomputed."""
+    first = make_table()
+    other_name = unique_name()
+    try:
+        SessionTable(other_name, DEFAULT_SIZE).close()
+        secrets = []
+        for name in (first.name, other_name):
+            with raw_mapping(name) as mapping:
+                secrets.append(layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)[-1])
+        assert secrets[0] != secrets[1]
+        assert bytes(16) not in secrets
+    finally:
+        SessionTable.unlink_name(other_name)
