@@ -75,7 +75,7 @@ def _validate(memory: TableMemory, index: int, chunk_hwm: int, check_owner: bool
         memory.mm[start : start + memory.geometry.chunk_size]
         for start in map(memory.geometry.chunk_offset, chunks)
     )[:length]
-    if memory.checksum(key, expires_at, value) != crc:
+    if memory.checksum(key_hash, expires_at, value) != crc:
         return f"entry {index}: value fails its checksum"
     return _Entry(index, key, expires_at, length, chunks)
 

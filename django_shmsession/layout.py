@@ -46,7 +46,9 @@ Entry (``ENTRY_SIZE`` = 128 bytes)::
     104 desc[1]    DESCRIPTOR
 
 Descriptor (24 bytes): expires_at f64 (absolute wall-clock seconds), value_len u32, first_chunk
-u32 (NIL for an empty value), crc u32 (CRC-32 over expiry, length, key and value), pad.
+u32 (NIL for an empty value), crc u32, pad. ``crc`` is the CRC-32 of the value with the seed
+``(h ^ (h >> 32) ^ value_len ^ int(expires_at * 1000)) & 0xFFFFFFFF`` where ``h`` is the key hash
+(see ``TableMemory.checksum``).
 
 Entries at or above ``CTL_ENTRY_HWM`` and chunks at or above ``CTL_CHUNK_HWM`` have never been
 used: they are free without being on a free stack, so creating or clearing a table costs time
@@ -153,8 +155,6 @@ ENTRY = struct.Struct("<BBBxIQ64sdIII4xdIII4x")
 F_STATE, F_ACTIVE, F_KEY_LEN, F_NEXT, F_HASH, F_KEY = range(6)
 F_DESCRIPTORS = 6
 F_DESCRIPTOR_FIELDS = 4
-#: The part of a descriptor the checksum covers besides key and value.
-CHECKED_FIELDS = struct.Struct("<dI")
 
 U32 = 4
 DEFAULT_CHUNK_SIZE = 512

@@ -17,7 +17,6 @@ from typing import Any
 
 from .exceptions import CorruptTable
 from .layout import (
-    CHECKED_FIELDS,
     CONTROL_OFFSET,
     CONTROL_WORDS,
     CTL_CHUNK_HWM,
@@ -80,9 +79,17 @@ class TableMemory:
         return int.from_bytes(hasher.digest(), "little")
 
     @staticmethod
-    def checksum(key: bytes, expires_at: float, value: bytes | memoryview) -> int:
-        """CRC-32 over expiry, length, key and value (what a descriptor vouches for)."""
-        seed = zlib.crc32(key, zlib.crc32(CHECKED_FIELDS.pack(expires_at, len(value))))
+    def checksum(key_hash: int, expires_at: float, value: bytes | memoryview) -> int:
+        """CRC-32 of the value, seeded with the key's hash, the length and the expiry (in ms).
+
+        Seeding ties the value to its key and descriptor in one C call. A corrupt expiry that is
+        not a finite number yields -1, which never equals a stored (unsigned) CRC.
+        """
+        try:
+            millis = int(expires_at * 1000)
+        except (ValueError, OverflowError):
+            return -1
+        seed = (key_hash ^ (key_hash >> 32) ^ len(value) ^ millis) & 0xFFFFFFFF
         return zlib.crc32(value, seed)
 
     # -- entries --------------------------------------------------------------------------------

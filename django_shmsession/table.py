@@ -13,6 +13,7 @@ The lock is held only for table work: keys are hashed and values checksummed bef
 
 from __future__ import annotations
 
+import math
 import random
 import time
 from collections.abc import Callable
@@ -369,9 +370,11 @@ class SessionTable:
             self._locked(self._count, CTL_OVERSIZE)
             raise ValueTooLarge(len(value), self._max_value_size)
         expires_at = float(expires_at)
+        if not math.isfinite(expires_at):
+            raise ValueError(f"expires_at must be a finite timestamp, not {expires_at!r}")
         memory = self._memory
-        crc = memory.checksum(encoded, expires_at, value)
         key_hash = memory.key_hash(encoded)
+        crc = memory.checksum(key_hash, expires_at, value)
         return self._locked(self._write, encoded, key_hash, value, expires_at, crc, mode)
 
     def _count(self, counter: int) -> None:
@@ -433,7 +436,7 @@ class SessionTable:
             control[CTL_MISSES] += 1
             return None
         value = self._memory.read_value(index, first, length)
-        if self._memory.checksum(key, expires_at, value) != crc:
+        if self._memory.checksum(key_hash, expires_at, value) != crc:
             raise CorruptTable(f"entry {index} failed its checksum")
         control[CTL_HITS] += 1
         return value
