@@ -76,7 +76,7 @@ def _refresh() -> SessionTable:
                 )
             # A replaced handle is dropped, not closed: another thread may be mid-call on it.
             _table = open_table(config, create=True)
-            _identity = _stat_identity(config.name)
+            _identity = _table.identity
         _next_check = time.monotonic() + RECHECK_INTERVAL
         return _table
 

@@ -14,6 +14,7 @@ The lock is held only for table work: keys are hashed and values checksummed bef
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from collections.abc import Callable
@@ -204,6 +205,12 @@ class SessionTable:
     @property
     def size(self) -> int:
         return self._segment.geometry.segment_size
+
+    @property
+    def identity(self) -> tuple[int, int]:
+        """(st_dev, st_ino) of the mapped segment file: tells whether ``name`` still names it."""
+        info = os.fstat(self._segment.fd)
+        return info.st_dev, info.st_ino
 
     @property
     def created(self) -> bool:
