@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import os
+import random
 import shutil
 import stat
 import subprocess
 import sys
 import textwrap
+import time
+from collections.abc import Callable
 
 import pytest
 
@@ -241,3 +244,71 @@ def test_each_table_gets_its_own_random_hash_secret(make_table: TableFactory) ->
         assert bytes(16) not in secrets
     finally:
         SessionTable.unlink_name(other_name)
+
+
+# -- creators that died half-way ---------------------------------------------------------------
+
+
+def make_raw_segment(name: str, size: int, head: bytes) -> None:
+    """A segment as a creator that died early leaves it: ``size`` bytes starting with ``head``."""
+    fd = os.open(shm_path(name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.ftruncate(fd, size)
+        os.pwrite(fd, head, 0)
+    finally:
+        os.close(fd)
+
+
+@pytest.mark.parametrize(
+    ("size", "head"),
+    [(0, b""), (DEFAULT_SIZE, b""), (DEFAULT_SIZE, layout.INIT_MAGIC), (4096, layout.INIT_MAGIC)],
+    ids=["empty-file", "zeroed", "init-magic", "init-magic-short"],
+)
+def test_a_half_created_segment_is_initialized_by_the_next_creator(
+    shm_name: str, clock: FakeClock, size: int, head: bytes
+) -> None:
+    make_raw_segment(shm_name, size, head)
+    with pytest.raises(SegmentNotFound):
+        SessionTable(shm_name)  # open-only: nothing to open yet, and nothing is changed
+    with SessionTable(shm_name, DEFAULT_SIZE, clock=clock) as table:
+        table.set("a", b"v", clock.now + 60)
+        assert table.get("a") == b"v"
+        assert table.check().ok
+    assert os.stat(shm_path(shm_name)).st_size == DEFAULT_SIZE
+
+
+CREATOR_SCRIPT = """
+import sys
+from django_shmsession.table import SessionTable
+print("imported", flush=True)
+SessionTable(sys.argv[1], int(sys.argv[2])).set("from-creator", b"v", 4e9)
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+def test_creators_killed_at_random_moments_never_leave_an_unusable_segment(
+    name_factory: Callable[[], str],
+) -> None:
+    """SIGKILL a process while it creates a 64 MiB table; the next one must still get a table.
+
+    Creating 64 MiB takes tens of milliseconds here (posix_fallocate zeroes the pages), so the
+    kills land before, during and after the allocation and the header writes.
+    """
+    rng = random.Random(99)
+    size = 64 * 1024 * 1024
+    for _ in range(10):
+        name = name_factory()
+        command = [sys.executable, "-c", CREATOR_SCRIPT, name, str(size)]
+        creator = subprocess.Popen(command, stdout=subprocess.PIPE)
+        assert creator.stdout is not None
+        assert creator.stdout.readline() == b"imported\n"
+        time.sleep(rng.uniform(0.0, 0.02))
+        creator.kill()
+        creator.stdout.close()
+        creator.wait(30)
+        with SessionTable(name, size) as table:
+            assert table.get("from-creator") in (None, b"v")
+            table.set("next", b"works", 4e9)
+            assert table.get("next") == b"works"
+            assert table.check().ok
