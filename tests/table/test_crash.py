@@ -513,3 +513,73 @@ def proc_state(pid: int) -> str:
     with open(f"/proc/{pid}/stat", "rb") as f:
         stat = f.read()
     return stat[stat.rfind(b")") + 2 :].split()[0].decode()
+
+
+# -- deaths during recovery and during eviction ------------------------------------------------
+
+
+def die_at(conn: Conn, name: str, point: str, key: str, value: bytes) -> None:
+    """Child: write ``key`` (or just read it when ``value`` is empty), dying at ``point``."""
+    table = SessionTable(name, full_policy="evict", max_value_size=4096)
+    kill_self_at(point)
+    if value:
+        table.set(key, value, FAR)
+    else:
+        table.get(key)
+    conn.send("survived")
+
+
+def run_to_death(name: str, point: str, key: str, value: bytes = b"") -> None:
+    child = Child(die_at, name, point, key, value)
+    assert child.join(timeout=30) == -signal.SIGKILL, f"{point!r} was not reached"
+
+
+def test_an_adopter_that_dies_before_repairing_is_adopted_in_turn(shm_name: str) -> None:
+    """Three processes die in a row, each holding the lock; the fourth repairs everything."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    try:
+        kept = {f"pre-{i}": value_for(f"pre-{i}", 100 * i) for i in range(20)}
+        for key, value in kept.items():
+            table.set(key, value, FAR)
+        run_to_death(shm_name, "insert:chunks_written", "lost", value_for("lost", 3000))
+        run_to_death(shm_name, "lock:acquired", "pre-0")  # adopts, dies before repairing
+        run_to_death(shm_name, "update:chunks_written", "pre-1", value_for("pre-1", 4000, 1))
+        with watchdog(30):
+            assert {k: table.get(k) for k in kept} == kept
+        assert table.get("lost") is None
+        assert table.stats().lock_recoveries == 3
+        assert_healthy(table)
+    finally:
+        table.close()
+
+
+EVICTION_POINTS = [p for p in FAULT_POINTS if p.startswith(("insert:", "delete:"))]
+
+
+@pytest.mark.parametrize("point", EVICTION_POINTS)
+def test_a_crash_while_evicting_loses_nothing_but_victims_and_the_new_value(
+    shm_name: str, point: str
+) -> None:
+    table = SessionTable(
+        shm_name, 64 * 1024, full_policy="raise", max_value_size=4096, lock_timeout=5
+    )
+    try:
+        stored: dict[str, bytes] = {}
+        for i in range(1000):
+            try:
+                table.set(f"f{i}", value_for(f"f{i}", 200), FAR + i)
+            except TableFull:
+                break
+            stored[f"f{i}"] = value_for(f"f{i}", 200)
+        run_to_death(shm_name, point, "big", value_for("big", 4096))
+        with watchdog(30):
+            assert table.get("big") in (None, value_for("big", 4096))
+        survivors = {k: table.get(k) for k in stored}
+        assert all(survivors[k] in (None, v) for k, v in stored.items())
+        missing = sum(1 for v in survivors.values() if v is None)
+        stats = table.stats()
+        assert 1 <= missing <= stats.evictions + 1
+        assert stats.lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        table.close()
