@@ -7,6 +7,7 @@ test fail rather than hang.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import random
 import signal
@@ -22,7 +23,13 @@ from django_shmsession.exceptions import LockTimeout, TableFull
 from django_shmsession.table import FAULT_POINTS, SessionTable
 
 from .conftest import DEFAULT_SIZE
-from .helpers import raw_mapping, semaphore_acquirable_exactly_once, value_for, watchdog
+from .helpers import (
+    raw_mapping,
+    semaphore_acquirable_exactly_once,
+    shm_path,
+    value_for,
+    watchdog,
+)
 from .procs import Child, Conn, kill_self_at, start_lock_holder
 
 pytestmark = pytest.mark.multiprocess
@@ -339,20 +346,51 @@ def waiter(conn: Conn, name: str, index: int) -> None:
     table.close()
 
 
-def test_many_waiters_see_a_dead_holder_and_exactly_one_adopts(shm_name: str) -> None:
+@pytest.mark.parametrize("round_", range(3))
+def test_many_waiters_see_a_dead_holder_and_exactly_one_adopts(shm_name: str, round_: int) -> None:
+    """The waiters are frozen (SIGSTOP) while the holder dies and thawed together (SIGCONT), so
+    their timed waits expire at the same moment and they all find the dead holder at once."""
     table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
     try:
         holder = start_lock_holder(shm_name, "lost", b"x", FAR)
-        waiters = [Child(waiter, shm_name, i) for i in range(5)]
-        assert [w.recv() for w in waiters] == ["ready"] * 5
-        time.sleep(0.3)  # let every waiter block in its timed wait (setup, not an assertion)
+        waiters = [Child(waiter, shm_name, i) for i in range(6)]
+        assert [w.recv() for w in waiters] == ["ready"] * 6
+        time.sleep(0.2)  # let every waiter block in its timed wait (setup, not an assertion)
+        for w in waiters:
+            os.kill(w.pid, signal.SIGSTOP)
         holder.kill()
-        assert [w.recv(timeout=30) for w in waiters] == ["done"] * 5
-        assert [w.join() for w in waiters] == [0] * 5
-        assert all(table.get(f"waiter-{i}") == f"w{i}".encode() for i in range(5))
+        time.sleep(0.1)  # longer than the lock's poll interval: every wait has expired
+        for w in waiters:
+            os.kill(w.pid, signal.SIGCONT)
+        assert [w.recv(timeout=30) for w in waiters] == ["done"] * 6
+        assert [w.join() for w in waiters] == [0] * 6
+        assert all(table.get(f"waiter-{i}") == f"w{i}".encode() for i in range(6))
         assert table.stats().lock_recoveries == 1
         assert_healthy(table)
     finally:
+        table.close()
+
+
+def test_nobody_adopts_while_another_adoption_holds_the_arbiter(shm_name: str) -> None:
+    """The test holds the arbiter byte (as an adopter in the middle of taking over would): the
+    waiters that find the dead holder must keep waiting, then exactly one adopts."""
+    table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    arbiter = os.open(shm_path(shm_name), os.O_RDWR)
+    try:
+        holder = start_lock_holder(shm_name, "lost", b"x", FAR)
+        holder.kill()
+        fcntl.lockf(arbiter, fcntl.LOCK_EX, 1, layout.ARBITER_LOCK_BYTE)
+        waiters = [Child(waiter, shm_name, i) for i in range(4)]
+        assert [w.recv() for w in waiters] == ["ready"] * 4
+        time.sleep(0.5)  # ten poll intervals: each waiter has found the dead holder by now
+        assert not any(w.conn.poll(0) for w in waiters), "adopted despite the arbiter"
+        fcntl.lockf(arbiter, fcntl.LOCK_UN, 1, layout.ARBITER_LOCK_BYTE)
+        assert [w.recv(timeout=30) for w in waiters] == ["done"] * 4
+        assert [w.join() for w in waiters] == [0] * 4
+        assert table.stats().lock_recoveries == 1
+        assert_healthy(table)
+    finally:
+        os.close(arbiter)
         table.close()
 
 

@@ -8,7 +8,7 @@ from django_shmsession.exceptions import ShmSessionError, ValueTooLarge
 from django_shmsession.table import CheckReport, SessionTable, TableStats, set_fault_hook
 
 from .conftest import TableFactory
-from .helpers import FakeClock, value_for
+from .helpers import FakeClock, leftover_files, value_for
 
 HOUR = 3600.0
 
@@ -488,3 +488,40 @@ def test_clear_expired_releases_the_lock_between_batches(
     finally:
         set_fault_hook(None)
     assert len(acquisitions) >= 10
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"full_policy": "drop"}, "full_policy"),
+        ({"lock_timeout": 0}, "lock_timeout"),
+        ({"lock_timeout": -1.0}, "lock_timeout"),
+        ({"max_value_size": 0}, "max_value_size"),
+    ],
+)
+def test_bad_constructor_arguments_raise_value_error(
+    shm_name: str, kwargs: dict[str, object], match: str
+) -> None:
+    with pytest.raises(ValueError, match=match):
+        SessionTable(shm_name, 1024 * 1024, **kwargs)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize("size", [0, -4096, 1.5])
+def test_a_bad_size_raises_value_error_and_creates_nothing(shm_name: str, size: object) -> None:
+    with pytest.raises(ValueError, match="size"):
+        SessionTable(shm_name, size)  # type: ignore[arg-type]
+    assert leftover_files(shm_name) == []
+
+
+@pytest.mark.parametrize("expires_at", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_expiry_is_refused(
+    table: SessionTable, clock: FakeClock, expires_at: float
+) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        table.set("k", b"v", expires_at)
+    assert table.stats().entries == 0
+
+
+def test_clear_expired_needs_a_positive_batch(table: SessionTable) -> None:
+    with pytest.raises(ValueError, match="batch_size"):
+        table.clear_expired(batch_size=0)
