@@ -621,3 +621,59 @@ def test_a_crash_while_evicting_loses_nothing_but_victims_and_the_new_value(
         assert_healthy(table)
     finally:
         table.close()
+
+
+def killed_writer(conn: Conn, name: str) -> None:
+    """Child: die half-way through an insert, leaving the table dirty and the lock taken."""
+    table = SessionTable(name)
+    kill_self_at("insert:chunks_written")
+    table.set("lost", value_for("lost", 3000), FAR)
+
+
+def repairer(conn: Conn, name: str) -> None:
+    """Child: one read, which adopts the lock and repairs the whole table."""
+    table = SessionTable(name)
+    conn.send("start")
+    table.get("k0")
+    conn.send("done")
+
+
+def control_word(name: str, word: int) -> int:
+    with raw_mapping(name) as mapping:
+        return int(WORD.unpack_from(mapping, layout.CONTROL_OFFSET + 8 * word)[0])
+
+
+@pytest.mark.slow
+def test_a_process_killed_while_repairing_is_recovered_by_the_next(shm_name: str) -> None:
+    """Repairing a 16 MiB table takes long enough to be killed in the middle of it."""
+    rng = random.Random(7)
+    table = SessionTable(shm_name, 16 * DEFAULT_SIZE, full_policy="raise", lock_timeout=5)
+    try:
+        count = int(table.stats().entry_capacity * 0.8)
+        for i in range(count):
+            table.set(f"k{i}", value_for(f"k{i}", 100), FAR)
+        durations, mid_repair = [], 0
+        for _ in range(12):
+            Child(killed_writer, shm_name).join()
+            child = Child(repairer, shm_name)
+            assert child.recv() == "start"
+            started = time.monotonic()
+            if not durations:  # first round: measure a whole recovery
+                assert child.recv() == "done"
+                durations.append(time.monotonic() - started)
+                continue
+            time.sleep(rng.uniform(0.1, 0.9) * durations[0])
+            child.kill()
+            killed_pid = child.pid
+            if control_word(shm_name, layout.CTL_DIRTY):
+                mid_repair += control_word(shm_name, layout.CTL_OWNER_PID) == killed_pid
+            with watchdog(30):
+                assert table.get(f"k{count - 1}") == value_for(f"k{count - 1}", 100)
+            if mid_repair >= 2:
+                break
+        assert mid_repair >= 1, "no kill landed inside a repair"
+        assert all(table.get(f"k{i}") == value_for(f"k{i}", 100) for i in range(count))
+        assert table.get("lost") is None
+        assert_healthy(table)
+    finally:
+        table.close()
