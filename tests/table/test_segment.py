@@ -312,3 +312,28 @@ def test_creators_killed_at_random_moments_never_leave_an_unusable_segment(
             table.set("next", b"works", 4e9)
             assert table.get("next") == b"works"
             assert table.check().ok
+
+
+def test_the_longest_allowed_name_works(clock: FakeClock) -> None:
+    """Semaphores live at /dev/shm/sem.<name>.lock, so the limit is below NAME_MAX (255)."""
+    name = unique_name()
+    name += "x" * (240 - len(name))
+    try:
+        with SessionTable(name, DEFAULT_SIZE, clock=clock) as table:
+            table.set("a", b"v", clock.now + 60)
+            assert table.get("a") == b"v"
+        assert leftover_files(name) != []
+    finally:
+        SessionTable.unlink_name(name)
+    assert leftover_files(name) == []
+
+
+def test_a_handle_keeps_working_after_unlink(table: SessionTable, clock: FakeClock) -> None:
+    """Unlinking removes the names only: processes that mapped the table carry on."""
+    table.set("a", b"v", clock.now + 60)
+    assert table.unlink() is True
+    assert table.get("a") == b"v"
+    table.set("b", b"w", clock.now + 60)
+    assert table.get("b") == b"w"
+    with pytest.raises(SegmentNotFound):
+        SessionTable(table.name)
