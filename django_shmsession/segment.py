@@ -21,6 +21,7 @@ import mmap
 import os
 import secrets
 import stat
+import threading
 import zlib
 from dataclasses import dataclass
 from typing import Any
@@ -62,6 +63,7 @@ MODE = 0o600
 #: Longest segment name: semaphores live at /dev/shm/sem.<name>.lock and NAME_MAX is 255.
 NAME_MAX = 240
 SEMAPHORE_SUFFIX = ".lock"
+_INIT_THREAD_LOCK = threading.Lock()
 
 
 def validate_name(name: str) -> None:
@@ -159,11 +161,13 @@ def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
     fd, created = _open_fd(name, size)
     try:
         _check_private(fd, segment_path(name))
-        fcntl.lockf(fd, fcntl.LOCK_EX, 1, INIT_LOCK_BYTE)
-        try:
-            memory, geometry, secret = _map_initialized(name, fd, size, chunk_size, created)
-        finally:
-            fcntl.lockf(fd, fcntl.LOCK_UN, 1, INIT_LOCK_BYTE)
+        # fcntl locks exclude other processes only; the thread lock excludes this one's threads.
+        with _INIT_THREAD_LOCK:
+            fcntl.lockf(fd, fcntl.LOCK_EX, 1, INIT_LOCK_BYTE)
+            try:
+                memory, geometry, secret = _map_initialized(name, fd, size, chunk_size, created)
+            finally:
+                fcntl.lockf(fd, fcntl.LOCK_UN, 1, INIT_LOCK_BYTE)
         semaphore = _open_semaphore(name)
     except BaseException:
         os.close(fd)

@@ -346,9 +346,9 @@ class SessionTable:
             try:
                 if control[CTL_DIRTY]:  # an exception interrupted a write in this process
                     self._repair()
-            finally:
                 if _fault_hook is not None:
                     _fault_hook("lock:releasing")
+            finally:
                 self._lock.release()
 
     def _repair(self) -> integrity.RepairResult:
@@ -647,6 +647,9 @@ class SessionTable:
         hwm = memory.entry_hwm()
         if hwm >= memory.geometry.entry_capacity:
             raise CorruptTable("no free entry although the free count said there was one")
+        # A slot above the mark may hold a committed entry from before clear(): free it before
+        # it enters the range that repair examines, or a crash here would bring it back.
+        memory.set_state(hwm, ENTRY_FREE)
         control[CTL_ENTRY_HWM] = hwm + 1
         return hwm
 
