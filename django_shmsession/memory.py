@@ -38,6 +38,9 @@ from .layout import (
 )
 from .segment import Segment
 
+#: Keys whose hash a process remembers (cleared when full: bounded memory, no eviction cost).
+HASH_MEMO_SIZE = 4096
+
 
 def pad_key(key: bytes) -> bytes:
     """The key as stored in an entry's fixed-size key field."""
@@ -61,6 +64,7 @@ class TableMemory:
         self.mask = geometry.bucket_count - 1
         self.entries_offset = geometry.entries_offset
         self._hasher = hashlib.blake2b(digest_size=8, key=segment.secret)
+        self._hash_memo: dict[bytes, int] = {}
 
     def _u32_array(self, offset: int, count: int) -> memoryview:
         return self._whole[offset : offset + count * U32].cast("I")
@@ -73,10 +77,21 @@ class TableMemory:
     # -- hashing and checksums ------------------------------------------------------------------
 
     def key_hash(self, key: bytes) -> int:
-        """Keyed blake2b of ``key``: equal in every process, unpredictable to clients."""
+        """Keyed blake2b of ``key``: equal in every process, unpredictable to clients.
+
+        A request hashes its session key two or three times (load, then save); a small
+        per-process memo makes the repeats a dict lookup (~0.05 µs instead of ~0.6 µs).
+        """
+        cached = self._hash_memo.get(key)
+        if cached is not None:
+            return cached
         hasher = self._hasher.copy()
         hasher.update(key)
-        return int.from_bytes(hasher.digest(), "little")
+        key_hash = int.from_bytes(hasher.digest(), "little")
+        if len(self._hash_memo) >= HASH_MEMO_SIZE:
+            self._hash_memo.clear()
+        self._hash_memo[key] = key_hash
+        return key_hash
 
     @staticmethod
     def checksum(key_hash: int, expires_at: float, value: bytes | memoryview) -> int:
