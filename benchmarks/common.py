@@ -137,17 +137,23 @@ def _version(module: str) -> str:
     return "unknown"
 
 
-def _git_head() -> str:
+def _git(*args: str) -> str:
     try:
         out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=False,
+            ["git", "-C", str(ROOT), *args], capture_output=True, text=True, check=False
         )
-        return out.stdout.strip() or "unknown"
+        return out.stdout.strip()
     except OSError:
-        return "unknown"
+        return ""
+
+
+def _git_head() -> str:
+    """The commit measured, flagged when the package differs from it (the editable install
+    measures the working tree, which teammates may be changing)."""
+    head = _git("rev-parse", "--short", "HEAD") or "unknown"
+    if _git("status", "--porcelain", "--", "django_shmsession"):
+        head += " + uncommitted changes in django_shmsession/"
+    return head
 
 
 def machine_info() -> dict[str, str]:
@@ -171,6 +177,8 @@ def machine_header(info: dict[str, str]) -> str:
     """The machine block every results/*.md file starts with."""
     lines = ["| | |", "|---|---|"]
     lines += [f"| {key} | {value} |" for key, value in info.items()]
+    load = os.getloadavg()  # with loadavg_at_start: how busy the shared machine was meanwhile
+    lines.append(f"| loadavg_at_end | {load[0]:.2f} {load[1]:.2f} {load[2]:.2f} |")
     return "\n".join(lines)
 
 
