@@ -679,14 +679,10 @@ def test_a_process_killed_while_repairing_is_recovered_by_the_next(shm_name: str
         table.close()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="clear() resets the high-water marks but leaves the old entries marked used; a writer "
-    "that dies after taking entry slot N again (before overwriting its header) makes the repair "
-    "find the cleared entry in slot N, and an entry whose value is empty has no chunk to fail "
-    "its checksum, so the cleared key comes back",
-)
 def test_a_crash_after_clear_never_brings_cleared_entries_back(shm_name: str) -> None:
+    """clear() leaves old entry slots behind its high-water mark: a writer dying after taking
+    one again must not let the repair find the cleared entry (an empty value has no chunk
+    whose checksum would fail)."""
     table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
     try:
         for i in range(3):

@@ -38,13 +38,6 @@ def raise_at() -> Iterator[list[str]]:
 
 # An insert, an update and a delete: together they pass every fault point.
 OPERATIONS = (("set", "new"), ("set", "old"), ("delete", "gone"))
-RELEASE_BUG = pytest.mark.xfail(
-    strict=True,
-    reason="an exception between the last table write and TableLock.release() (the "
-    "'lock:releasing' point) leaves the semaphore taken with this live process as owner: every "
-    "later operation, in every process, raises LockTimeout until this process exits",
-)
-POINTS = [pytest.param(p, marks=RELEASE_BUG) if p == "lock:releasing" else p for p in FAULT_POINTS]
 
 
 def new_value(key: str) -> bytes:
@@ -65,7 +58,7 @@ def contents_after(operations: tuple[tuple[str, str], ...]) -> dict[str, bytes |
     return state
 
 
-@pytest.mark.parametrize("point", POINTS)
+@pytest.mark.parametrize("point", FAULT_POINTS)
 def test_an_exception_mid_write_leaves_the_table_consistent_and_unlocked(
     make_table: TableFactory, clock: FakeClock, raise_at: list[str], point: str
 ) -> None:

@@ -236,15 +236,11 @@ def create_concurrently(name: str, threads_n: int) -> list[SessionTable]:
     return handles
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="creation is serialized with an fcntl lock, which threads of one process all hold at "
-    "once: two threads creating the same table both initialize it (each with its own hash "
-    "secret), so keys written through one handle are lost or invisible through the other",
-)
 def test_threads_creating_the_same_table_at_once_share_one(
     name_factory: Callable[[], str],
 ) -> None:
+    """fcntl locks do not exclude threads of one process: creation needs a thread lock too, or
+    two threads both initialize the table, each with its own hash secret."""
     threads_n = 4
     old_interval = sys.getswitchinterval()
     sys.setswitchinterval(1e-6)  # switch threads as often as possible, to expose races
