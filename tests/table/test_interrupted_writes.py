@@ -7,14 +7,24 @@ of the SIGKILL tests in test_crash.py.
 
 from __future__ import annotations
 
+import os
+import random
+import signal
+import time
 from collections.abc import Iterator
+from types import FrameType
 
+import posix_ipc
 import pytest
 
-from django_shmsession.table import FAULT_POINTS, set_fault_hook
+import django_shmsession
+from django_shmsession.table import FAULT_POINTS, SessionTable, set_fault_hook
 
 from .conftest import TableFactory
 from .helpers import FakeClock, semaphore_acquirable_exactly_once, value_for, watchdog
+from .procs import Child, Conn
+
+FAR = 4e9
 
 
 class Interrupt(BaseException):
@@ -103,3 +113,66 @@ def test_a_handle_survives_an_interrupted_write_in_another_handle(
     with watchdog(20):
         assert second.get("k") == b"v1"
         assert second.check().ok
+
+
+# -- exceptions raised by signal handlers at random moments ------------------------------------
+
+PACKAGE_DIR = os.path.dirname(django_shmsession.__file__)
+
+
+def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
+    """Child: table operations in a loop while SIGUSR1 raises inside them (like a SIGALRM-based
+    request timeout or Celery's soft time limit); reports where the lock was left taken."""
+    table = SessionTable(name, lock_timeout=1)
+    semaphore = posix_ipc.Semaphore(name + ".lock")
+    landed: list[str] = []
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        # raise only inside the table's own code, so the test loop itself is never interrupted
+        if frame is not None and frame.f_code.co_filename.startswith(PACKAGE_DIR):
+            landed.append(f"{os.path.basename(frame.f_code.co_filename)}:{frame.f_lineno}")
+            raise Interrupt
+
+    signal.signal(signal.SIGUSR1, handler)
+    conn.send("up")
+    leaked_at = None
+    deadline = time.monotonic() + seconds
+    count = 0
+    while leaked_at is None and time.monotonic() < deadline:
+        try:
+            table.set(f"k{count % 50}", value_for("v", 700, count), FAR)
+            table.get(f"k{(count * 7) % 50}")
+            count += 1
+        except Interrupt:
+            if semaphore.value == 0:  # nobody else uses this table: we left it taken
+                leaked_at = landed[-1]
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    conn.send((len(landed), leaked_at))
+    conn.recv()
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.xfail(
+    strict=True,
+    reason="an exception raised by a signal handler right after sem_wait returns (lock.py, "
+    "TableLock.acquire) or before the owner words are cleared (TableLock.release) leaves the "
+    "semaphore taken; with this live process recorded as owner, every process then gets "
+    "LockTimeout until it exits",
+)
+def test_exceptions_from_signal_handlers_never_leave_the_lock_taken(shm_name: str) -> None:
+    rng = random.Random(11)
+    SessionTable(shm_name, 1024 * 1024).close()
+    child = Child(interrupted_worker, shm_name, 2.0)
+    try:
+        assert child.recv() == "up"
+        end = time.monotonic() + 2.0
+        while time.monotonic() < end and not child.conn.poll(0):
+            os.kill(child.pid, signal.SIGUSR1)
+            time.sleep(rng.uniform(0.0002, 0.002))
+        landed, leaked_at = child.recv(timeout=20)
+        assert landed > 0, "no signal landed inside the table's code"
+        assert leaked_at is None, f"an exception at {leaked_at} left the lock taken"
+        assert semaphore_acquirable_exactly_once(shm_name)
+    finally:
+        child.kill()
