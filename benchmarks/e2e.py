@@ -263,11 +263,25 @@ def run_backend(
             if status != 200 or not cookie:
                 raise RuntimeError(f"/set answered {status} without a session cookie")
             paths = wrk_rounds(wrk, port, cookie, *timing)
-        return {"status": "ok", "sessions": check, "wrk": paths}
+        out: dict[str, Any] = {"status": "ok", "sessions": check, "wrk": paths}
+        if key == bk.OURS:
+            out["table_stats"] = _table_stats(shm_name)
+        return out
     except (RuntimeError, subprocess.CalledProcessError, OSError) as err:
         return {"status": "error", "reason": str(err)[:300]}
     finally:
         _unlink_shm(shm_name)
+
+
+def _table_stats(name: str) -> dict[str, Any]:
+    """Our table's counters after the run (lock waits above all), for the JSON results."""
+    from django_shmsession.table import SessionTable
+
+    table = SessionTable(name)
+    try:
+        return dict(table.stats().as_dict())
+    finally:
+        table.close()
 
 
 def _unlink_shm(name: str) -> None:
