@@ -440,35 +440,45 @@ def test_signals_interrupting_a_lock_wait_are_retried(shm_name: str) -> None:
         table.close()
 
 
+INTERRUPT_ROUNDS = 12
+
+
 def interrupted_waiter(conn: Conn, name: str) -> None:
-    """Child: a SIGUSR1 handler that raises aborts the wait; the lock must not stay taken."""
+    """Child: waits for the lock again and again; each time a SIGUSR1 handler raises and aborts
+    the wait. The lock must neither stay taken by this process nor be posted on its behalf."""
 
     def handler(signum: int, frame: object) -> None:
         raise KeyboardInterrupt
 
     signal.signal(signal.SIGUSR1, handler)
     table = SessionTable(name, lock_timeout=20)
-    conn.send("ready")
-    try:
-        table.set("aborted", b"x", FAR)
-    except KeyboardInterrupt:
-        conn.send("interrupted")
-    else:
-        conn.send("not interrupted")
+    for _ in range(INTERRUPT_ROUNDS):
+        conn.send("ready")
+        try:
+            table.set("aborted", b"x", FAR)
+        except KeyboardInterrupt:
+            conn.send("interrupted")
+        else:
+            conn.send("not interrupted")
     conn.recv()
     table.set("later", b"y", FAR)
     conn.send("done")
 
 
 def test_a_signal_handler_that_raises_leaves_the_lock_free(shm_name: str) -> None:
+    """While a live process holds the lock, a waiter's aborted wait changes nothing: the
+    semaphore stays at 0 (a post would let a second process in) and is free once released."""
     table = SessionTable(shm_name, DEFAULT_SIZE, lock_timeout=5)
+    semaphore = posix_ipc.Semaphore(shm_name + ".lock")
     try:
         holder = start_lock_holder(shm_name, "held", b"v", FAR)
         child = Child(interrupted_waiter, shm_name)
-        assert child.recv() == "ready"
-        time.sleep(0.1)
-        os.kill(child.pid, signal.SIGUSR1)
-        assert child.recv() == "interrupted"
+        for round_ in range(INTERRUPT_ROUNDS):
+            assert child.recv() == "ready"
+            time.sleep(0.06)  # let it block in the (50 ms) timed wait, or between two waits
+            os.kill(child.pid, signal.SIGUSR1)
+            assert child.recv() == "interrupted"
+            assert semaphore.value == 0, f"round {round_}: the aborted wait posted the semaphore"
         holder.send("go")
         assert holder.recv() == ("done",)
         assert semaphore_acquirable_exactly_once(shm_name)
@@ -479,6 +489,7 @@ def test_a_signal_handler_that_raises_leaves_the_lock_free(shm_name: str) -> Non
         assert table.get("later") == b"y"
         assert_healthy(table)
     finally:
+        semaphore.close()
         table.close()
 
 
