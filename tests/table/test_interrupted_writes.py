@@ -10,18 +10,26 @@ from __future__ import annotations
 import os
 import random
 import signal
+import struct
 import time
 from collections.abc import Iterator
 from types import FrameType
 
-import posix_ipc
 import pytest
 
 import django_shmsession
+from django_shmsession import layout
+from django_shmsession.exceptions import LockTimeout
 from django_shmsession.table import FAULT_POINTS, SessionTable, set_fault_hook
 
 from .conftest import TableFactory
-from .helpers import FakeClock, semaphore_acquirable_exactly_once, value_for, watchdog
+from .helpers import (
+    FakeClock,
+    raw_mapping,
+    semaphore_acquirable_exactly_once,
+    value_for,
+    watchdog,
+)
 from .procs import Child, Conn
 
 FAR = 4e9
@@ -118,13 +126,14 @@ def test_a_handle_survives_an_interrupted_write_in_another_handle(
 # -- exceptions raised by signal handlers at random moments ------------------------------------
 
 PACKAGE_DIR = os.path.dirname(django_shmsession.__file__)
+OWNER_PID = struct.Struct("<Q")
 
 
 def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
     """Child: table operations in a loop while SIGUSR1 raises inside them (like a SIGALRM-based
-    request timeout or Celery's soft time limit); reports where the lock was left taken."""
+    request timeout or Celery's soft time limit). Reports how many exceptions landed in the
+    table's code and where one left this process recorded as the lock owner."""
     table = SessionTable(name, lock_timeout=1)
-    semaphore = posix_ipc.Semaphore(name + ".lock")
     landed: list[str] = []
 
     def handler(signum: int, frame: FrameType | None) -> None:
@@ -138,16 +147,38 @@ def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
     leaked_at = None
     deadline = time.monotonic() + seconds
     count = 0
-    while leaked_at is None and time.monotonic() < deadline:
-        try:
-            table.set(f"k{count % 50}", value_for("v", 700, count), FAR)
-            table.get(f"k{(count * 7) % 50}")
-            count += 1
-        except Interrupt:
-            if semaphore.value == 0:  # nobody else uses this table: we left it taken
-                leaked_at = landed[-1]
+    with raw_mapping(name) as mapping:
+        owner_offset = layout.CONTROL_OFFSET + 8 * layout.CTL_OWNER_PID
+        while leaked_at is None and time.monotonic() < deadline:
+            try:
+                table.set(f"k{count % 50}", value_for("v", 700, count), FAR)
+                table.get(f"k{(count * 7) % 50}")
+                count += 1
+            except Interrupt:
+                if OWNER_PID.unpack_from(mapping, owner_offset)[0] == os.getpid():
+                    leaked_at = landed[-1]  # no operation of ours runs: we left it taken
+            except LockTimeout:
+                leaked_at = f"LockTimeout after {landed[-1:]}"
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     conn.send((len(landed), leaked_at))
+    conn.recv()
+
+
+def competitor(conn: Conn, name: str, seconds: float) -> None:
+    """Child: the same keys, no signals; a lock leaked by the other process shows up here as a
+    LockTimeout."""
+    table = SessionTable(name, lock_timeout=2)
+    conn.send("up")
+    deadline = time.monotonic() + seconds
+    timeouts = count = 0
+    while time.monotonic() < deadline:
+        try:
+            table.set(f"k{count % 50}", value_for("c", 300, count), FAR)
+            table.get(f"k{(count * 3) % 50}")
+        except LockTimeout:
+            timeouts += 1
+        count += 1
+    conn.send(timeouts)
     conn.recv()
 
 
@@ -161,18 +192,30 @@ def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
     "LockTimeout until it exits",
 )
 def test_exceptions_from_signal_handlers_never_leave_the_lock_taken(shm_name: str) -> None:
+    """One process is interrupted inside table code ~500 times a second while another uses
+    the same table: no leaked lock, no LockTimeout, no adoption, exactly one semaphore count."""
     rng = random.Random(11)
-    SessionTable(shm_name, 1024 * 1024).close()
-    child = Child(interrupted_worker, shm_name, 2.0)
+    table = SessionTable(shm_name, 1024 * 1024)
+    worker = Child(interrupted_worker, shm_name, 2.0)
+    rival = Child(competitor, shm_name, 2.0)
     try:
-        assert child.recv() == "up"
+        assert worker.recv() == "up"
+        assert rival.recv() == "up"
         end = time.monotonic() + 2.0
-        while time.monotonic() < end and not child.conn.poll(0):
-            os.kill(child.pid, signal.SIGUSR1)
+        while time.monotonic() < end and not worker.conn.poll(0):
+            os.kill(worker.pid, signal.SIGUSR1)
             time.sleep(rng.uniform(0.0002, 0.002))
-        landed, leaked_at = child.recv(timeout=20)
+        landed, leaked_at = worker.recv(timeout=20)
+        rival_timeouts = rival.recv(timeout=20)
         assert landed > 0, "no signal landed inside the table's code"
         assert leaked_at is None, f"an exception at {leaked_at} left the lock taken"
+        assert rival_timeouts == 0
         assert semaphore_acquirable_exactly_once(shm_name)
+        stats = table.stats()
+        assert stats.lock_recoveries == 0, "a lock was adopted although nobody died"
+        report = table.check()
+        assert report.ok, report.problems
     finally:
-        child.kill()
+        worker.kill()
+        rival.kill()
+        table.close()
