@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import signal
 import threading
 import time
 from typing import Any
@@ -45,6 +46,9 @@ except ImportError as err:  # pragma: no cover - posix_ipc is a hard dependency
     ) from err
 
 __all__ = ["POLL_INTERVAL", "TableLock", "holder_is_alive", "posix_ipc", "process_start_time"]
+
+#: Signals blocked during a timed wait (SIGKILL and SIGSTOP cannot be blocked).
+_BLOCKABLE_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
 
 #: How often a waiter wakes up to look at the holder (bounds recovery latency).
 POLL_INTERVAL = 0.05
@@ -106,27 +110,46 @@ class TableLock:
         self._arbiter_fd = arbiter_fd
         self.timeout = timeout
         self._adoption = threading.Lock()
+        self._local = threading.local()  # epoch this thread recorded while acquiring
 
     def acquire(self) -> bool:
         """Take the lock; True when it was adopted from a dead holder (the caller must repair).
 
-        Interrupting signals retry the wait. If a signal handler raises, the exception
-        propagates and the lock is not held.
+        Interrupting signals retry the wait. If a signal handler raises (gunicorn's SIGQUIT
+        handler calls ``sys.exit``), the exception propagates and the lock is not held: an
+        exception out of a successful ``sem.acquire`` call can only come from a handler that ran
+        after the wait returned, so the semaphore is posted back. No Python-level call separates
+        the wait from the owner record, so no handler can run in between.
         """
         try:
             self._semaphore.acquire(0)
         except (posix_ipc.BusyError, posix_ipc.SignalError):
-            return self._acquire_contended()
-        control = self._control  # _record_owner, inlined on the uncontended path
+            try:
+                return self._acquire_contended()
+            except BaseException:
+                self._release_if_mine()
+                raise
+        except BaseException:
+            self._semaphore.release()
+            raise
+        control = self._control
         control[CTL_OWNER_EPOCH] += 1
         control[CTL_OWNER_START] = IDENTITY.start_time
         control[CTL_OWNER_PID] = IDENTITY.pid
         return False
 
     def release(self) -> None:
-        """Clear the owner words, then post the semaphore."""
+        """Clear the owner words, then post the semaphore.
+
+        ``SessionTable._locked`` inlines these two statements (a Python call is a point where a
+        signal handler may run and raise before the post).
+        """
         self._control[CTL_OWNER_PID] = 0
         self._semaphore.release()
+
+    @property
+    def semaphore(self) -> Any:
+        return self._semaphore
 
     def owner(self) -> tuple[int, int, int]:
         """(pid, start time, epoch) as currently recorded; pid 0 means none recorded."""
@@ -141,27 +164,33 @@ class TableLock:
         pid, start, epoch = self.owner()
         if pid == 0 or holder_is_alive(pid, start):
             return False
-        return self._adopt((pid, start, epoch))
+        self._local.epoch = -1
+        try:
+            return self._adopt((pid, start, epoch))
+        except BaseException:
+            self._release_if_mine()
+            raise
 
-    def _record_owner(self) -> None:
+    def _release_if_mine(self) -> None:
+        """Release the lock if this thread recorded itself as owner during the failed call."""
         control = self._control
-        control[CTL_OWNER_EPOCH] += 1
-        control[CTL_OWNER_START] = IDENTITY.start_time
-        control[CTL_OWNER_PID] = IDENTITY.pid
+        if control[CTL_OWNER_PID] == IDENTITY.pid and control[CTL_OWNER_EPOCH] == getattr(
+            self._local, "epoch", -1
+        ):
+            self.release()
 
     def _acquire_contended(self) -> bool:
+        control = self._control
+        self._local.epoch = -1
         deadline = time.monotonic() + self.timeout
         empty_since: tuple[int, float] | None = None  # (epoch, when first seen empty)
         while True:
-            try:
-                self._semaphore.acquire(POLL_INTERVAL)
-            except posix_ipc.SignalError:
-                continue
-            except posix_ipc.BusyError:
-                pass
-            else:
-                self._record_owner()
-                self._control[CTL_LOCK_WAITS] += 1
+            if self._wait_once():
+                control[CTL_OWNER_EPOCH] += 1
+                control[CTL_OWNER_START] = IDENTITY.start_time
+                control[CTL_OWNER_PID] = IDENTITY.pid
+                self._local.epoch = control[CTL_OWNER_EPOCH]
+                control[CTL_LOCK_WAITS] += 1
                 return False
             observed = self.owner()
             pid, start, epoch = observed
@@ -178,6 +207,36 @@ class TableLock:
             if now >= deadline and (pid != 0 or now >= deadline + self.timeout):
                 raise self._timeout_error(pid)
 
+    def _wait_once(self) -> bool:
+        """One timed wait with signals blocked; True if it took the semaphore.
+
+        posix_ipc runs Python signal handlers inside an interrupted wait and replaces whatever
+        they raise (KeyboardInterrupt, gunicorn's SystemExit) with SignalError, so the exception
+        would be lost. With signals blocked the wait is not interrupted; pending handlers run when
+        the mask is restored, in Python, where their exceptions propagate normally (and the
+        semaphore is posted back if this wait had taken it).
+        """
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKABLE_SIGNALS)
+        try:
+            self._semaphore.acquire(POLL_INTERVAL)
+        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            acquired = False
+        except BaseException:  # a handler (flagged by another thread) ran after a successful wait
+            try:
+                self._semaphore.release()
+            finally:
+                signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            raise
+        else:
+            acquired = True
+        try:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # pending handlers run here
+        except BaseException:
+            if acquired:
+                self._semaphore.release()
+            raise
+        return acquired
+
     def _adopt(self, observed: tuple[int, int, int]) -> bool:
         """Take over from a dead holder unless another process already did (arbiter-guarded)."""
         with self._adoption:
@@ -192,6 +251,7 @@ class TableLock:
                 control[CTL_OWNER_EPOCH] += 1
                 control[CTL_OWNER_START] = IDENTITY.start_time
                 control[CTL_OWNER_PID] = IDENTITY.pid
+                self._local.epoch = control[CTL_OWNER_EPOCH]
                 control[CTL_LOCK_RECOVERIES] += 1
                 return True
             finally:

@@ -40,6 +40,7 @@ from .layout import (
     CTL_HITS,
     CTL_MISSES,
     CTL_OVERSIZE,
+    CTL_OWNER_PID,
     CTL_SETS,
     CTL_TABLE_FULL,
     CTL_VALUE_BYTES,
@@ -330,6 +331,7 @@ class SessionTable:
         if self._closed:
             raise ShmSessionError("this SessionTable is closed; open a new one")
         control = self._control
+        semaphore = self._lock.semaphore
         self._lock.acquire()
         try:
             if _fault_hook is not None:
@@ -349,7 +351,10 @@ class SessionTable:
                 if _fault_hook is not None:
                     _fault_hook("lock:releasing")
             finally:
-                self._lock.release()
+                # TableLock.release() inlined: no call (where a signal handler could raise)
+                # may come between the last table write and the post.
+                control[CTL_OWNER_PID] = 0
+                semaphore.release()
 
     def _repair(self) -> integrity.RepairResult:
         return integrity.rebuild(self._memory)
