@@ -184,13 +184,6 @@ def competitor(conn: Conn, name: str, seconds: float) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
-@pytest.mark.xfail(
-    strict=True,
-    reason="an exception raised by a signal handler right after sem_wait returns (lock.py, "
-    "TableLock.acquire) or before the owner words are cleared (TableLock.release) leaves the "
-    "semaphore taken; with this live process recorded as owner, every process then gets "
-    "LockTimeout until it exits",
-)
 def test_exceptions_from_signal_handlers_never_leave_the_lock_taken(shm_name: str) -> None:
     """One process is interrupted inside table code ~500 times a second while another uses
     the same table: no leaked lock, no LockTimeout, no adoption, exactly one semaphore count."""
