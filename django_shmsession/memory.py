@@ -11,6 +11,7 @@ value, chunks owned by the entry that points at them, checksums. A failed check 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -229,9 +230,17 @@ class TableMemory:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
             start = geometry.chunk_offset(first)
             return self.mm[start : start + length]
+        chunks = list(self.chain(index, first, length))
+        if chunks[-1] - chunks[0] == len(chunks) - 1 and all(
+            later == earlier + 1 for earlier, later in itertools.pairwise(chunks)
+        ):
+            # Chains are usually consecutive (fresh chunks come in order; a freed chain goes
+            # back on the stack in order): one copy instead of a slice per chunk plus a join.
+            start = geometry.chunk_offset(first)
+            return self.mm[start : start + length]
         parts = []
         remaining = length
-        for chunk in self.chain(index, first, length):
+        for chunk in chunks:
             start = geometry.chunk_offset(chunk)
             take = size if remaining > size else remaining
             parts.append(self.mm[start : start + take])
