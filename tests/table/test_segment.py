@@ -135,6 +135,7 @@ def test_unlink_name_reports_whether_the_table_existed(make_table: TableFactory)
     assert leftover_files(name) == []
 
 
+@pytest.mark.multiprocess
 def test_nothing_unlinks_a_table_on_close_or_process_exit(shm_name: str) -> None:
     code = f"""
         from django_shmsession.table import SessionTable
@@ -188,6 +189,7 @@ print("small:", small.get("a"))
 
 
 @pytest.mark.slow
+@pytest.mark.multiprocess
 def test_a_table_larger_than_free_dev_shm_fails_at_creation_and_leaves_nothing(
     tmp_path: os.PathLike[str],
 ) -> None:
