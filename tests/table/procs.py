@@ -26,6 +26,10 @@ class ChildFailed(AssertionError):
     """A child process raised, hung, or died in a way the test did not plan."""
 
 
+class ChildExited(ChildFailed):
+    """The child's end of the pipe closed: it exited or was killed (tests that kill expect it)."""
+
+
 class Child:
     """A forked process running ``target(conn, *args)``; the test holds the other pipe end."""
 
@@ -49,7 +53,7 @@ class Child:
             message = self.conn.recv()
         except EOFError:
             self.process.join(5)
-            raise ChildFailed(f"child {self.pid} exited ({self.process.exitcode})") from None
+            raise ChildExited(f"child {self.pid} exited ({self.process.exitcode})") from None
         if isinstance(message, tuple) and message and message[0] == "error":
             raise ChildFailed(f"child {self.pid} raised:\n{message[1]}")
         return message

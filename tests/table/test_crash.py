@@ -30,7 +30,7 @@ from .helpers import (
     value_for,
     watchdog,
 )
-from .procs import Child, Conn, kill_self_at, start_lock_holder
+from .procs import Child, ChildExited, Conn, kill_self_at, start_lock_holder
 
 pytestmark = pytest.mark.multiprocess
 
@@ -133,8 +133,8 @@ def last_started(child: Child) -> int:
     while True:
         try:
             message = child.recv(timeout=20)
-        except AssertionError:
-            break  # EOF: the child is dead
+        except ChildExited:
+            break  # the child is dead (a hang or a traceback still fails the test)
         if message[0] == "finished":
             child.join()
             return -1
@@ -166,12 +166,6 @@ def test_sigkill_at_a_fault_point_loses_at_most_the_write_in_flight(
         assert table.get("post-crash") == b"writes work again"
     finally:
         table.close()
-
-
-def test_every_fault_point_is_covered_by_the_workload() -> None:
-    """Guards the test above: a new fault point must be reached by MAIN_OPS or by a new op."""
-    kinds = {point.split(":")[0] for point in FAULT_POINTS}
-    assert kinds <= {"lock", "insert", "update", "delete"}
 
 
 # -- SIGKILL at random moments under load ------------------------------------------------------
