@@ -9,6 +9,7 @@ with another exception, hang, or return one key's data for another (values name 
 from __future__ import annotations
 
 import contextlib
+import functools
 import random
 import struct
 from collections.abc import Callable
@@ -108,7 +109,7 @@ def exercise(probe: Probe, allowed: dict[str, set[bytes]]) -> None:
     table = probe.table
     for key in allowed:
         probe.get(key, allowed[key])
-        probe.run(f"exists({key})", lambda key=key: table.exists(key))
+        probe.run(f"exists({key})", functools.partial(table.exists, key))
     new = value_for("live-0", 1234, 1)
     completed, replaced = probe.run("replace", lambda: table.replace("live-0", new, FAR))
     allowed["live-0"] = {new} if completed and replaced else allowed["live-0"] | {new}
@@ -118,8 +119,8 @@ def exercise(probe: Probe, allowed: dict[str, set[bytes]]) -> None:
     for i in range(10):
         key, value = f"new-{i}", value_for(f"new-{i}", 300 * i)
         allowed[key] = {value}
-        probe.run(f"set({key})", lambda key=key, value=value: table.set(key, value, FAR))
-        probe.run(f"add({key})", lambda key=key, value=value: table.add(key, b"no", FAR))
+        probe.run(f"set({key})", functools.partial(table.set, key, value, FAR))
+        probe.run(f"add({key})", functools.partial(table.add, key, b"no", FAR))
     probe.run("clear_expired", lambda: table.clear_expired(batch_size=16))
     probe.run("stats", table.stats)
     for key in allowed:
