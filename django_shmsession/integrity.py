@@ -26,6 +26,7 @@ from .layout import (
     CTL_GENERATION,
     CTL_REPAIRS,
     CTL_VALUE_BYTES,
+    DIRTY_REPAIRING,
     ENTRY_FREE,
     ENTRY_USED,
     KEY_MAX,
@@ -209,7 +210,7 @@ class RepairResult:
 def rebuild(memory: TableMemory) -> RepairResult:
     """Drop invalid entries and recompute every derived structure from the valid ones."""
     control = memory.control
-    control[CTL_DIRTY] = 1
+    control[CTL_DIRTY] = DIRTY_REPAIRING
     problems: list[str] = []
     if not memory.segment.header_intact():
         memory.segment.rewrite_header()

@@ -92,7 +92,9 @@ CONTROL_OFFSET = 128
 CONTROL_WORDS = 64
 
 # Control words (u64). The lock owner triple is written pid-last on acquire and cleared on release.
-CTL_DIRTY = 0  # 1 while a write is half-done: the next lock holder must repair
+CTL_DIRTY = 0  # nonzero while a write or repair is half-done: the next lock holder must repair
+DIRTY_WRITING = 1
+DIRTY_REPAIRING = 2  # waiters give a live repairer more than lock_timeout
 CTL_OWNER_PID = 1
 CTL_OWNER_START = 2  # /proc/<pid>/stat start time of the owner, so a reused pid is not trusted
 CTL_OWNER_EPOCH = 3  # bumped by every acquisition and adoption

@@ -31,11 +31,13 @@ from typing import Any
 from .exceptions import LockTimeout, UnsupportedPlatform
 from .layout import (
     ARBITER_LOCK_BYTE,
+    CTL_DIRTY,
     CTL_LOCK_RECOVERIES,
     CTL_LOCK_WAITS,
     CTL_OWNER_EPOCH,
     CTL_OWNER_PID,
     CTL_OWNER_START,
+    DIRTY_REPAIRING,
 )
 
 try:
@@ -46,6 +48,9 @@ except ImportError as err:  # pragma: no cover - posix_ipc is a hard dependency
     ) from err
 
 __all__ = ["POLL_INTERVAL", "TableLock", "holder_is_alive", "posix_ipc", "process_start_time"]
+
+#: fcntl locks do not exclude threads (or handles) of one process; this does, for the arbiter.
+_ADOPTION = threading.Lock()
 
 #: Signals blocked during a timed wait (SIGKILL and SIGSTOP cannot be blocked).
 _BLOCKABLE_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
@@ -109,7 +114,6 @@ class TableLock:
         self._control = control
         self._arbiter_fd = arbiter_fd
         self.timeout = timeout
-        self._adoption = threading.Lock()
         self._local = threading.local()  # epoch this thread recorded while acquiring
 
     def acquire(self) -> bool:
@@ -197,6 +201,9 @@ class TableLock:
             now = time.monotonic()
             if pid != 0:
                 empty_since = None
+                if control[CTL_DIRTY] == DIRTY_REPAIRING:
+                    # A live holder rebuilding a large table may take seconds: not a hang.
+                    deadline = max(deadline, now + self.timeout)
                 if not holder_is_alive(pid, start) and self._adopt(observed):
                     return True
             elif empty_since is None or empty_since[0] != epoch:
@@ -239,7 +246,7 @@ class TableLock:
 
     def _adopt(self, observed: tuple[int, int, int]) -> bool:
         """Take over from a dead holder unless another process already did (arbiter-guarded)."""
-        with self._adoption:
+        with _ADOPTION:
             try:
                 fcntl.lockf(self._arbiter_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ARBITER_LOCK_BYTE)
             except OSError:

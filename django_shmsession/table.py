@@ -45,6 +45,7 @@ from .layout import (
     CTL_TABLE_FULL,
     CTL_VALUE_BYTES,
     DEFAULT_CHUNK_SIZE,
+    DIRTY_WRITING,
     ENTRY_FREE,
     ENTRY_USED,
     F_ACTIVE,
@@ -518,7 +519,7 @@ class SessionTable:
         control = self._control
         chunks = memory.geometry.chunks_for(len(value))
         self._make_room(True, chunks, NIL)
-        control[CTL_DIRTY] = 1
+        control[CTL_DIRTY] = DIRTY_WRITING
         index = self._alloc_entry()
         first = self._alloc_chunks(chunks, index)
         memory.write_value(first, value)
@@ -546,7 +547,7 @@ class SessionTable:
         self._make_room(False, chunks, index)
         active = memory.active(index)
         _old_expiry, old_length, old_first, _old_crc = memory.descriptor(index, active)
-        control[CTL_DIRTY] = 1
+        control[CTL_DIRTY] = DIRTY_WRITING
         first = self._alloc_chunks(chunks, index)
         memory.write_value(first, value)
         if _fault_hook is not None:
@@ -568,7 +569,7 @@ class SessionTable:
         control = self._control
         _state, active, _key_len, next_index, key_hash = memory.head(index)
         _expiry, length, first, _crc = memory.descriptor(index, active)
-        control[CTL_DIRTY] = 1
+        control[CTL_DIRTY] = DIRTY_WRITING
         memory.set_state(index, ENTRY_FREE)  # commit
         if _fault_hook is not None:
             _fault_hook("delete:committed")
@@ -731,7 +732,7 @@ class SessionTable:
         memory = self._memory
         control = self._control
         removed = control[CTL_ENTRIES]
-        control[CTL_DIRTY] = 1
+        control[CTL_DIRTY] = DIRTY_WRITING
         geometry = memory.geometry
         memory.buckets[:] = memoryview(b"\xff" * (geometry.bucket_count * U32)).cast("I")
         for word, value in (
