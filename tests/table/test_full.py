@@ -155,8 +155,10 @@ def test_evict_policy_drops_the_soonest_expiring_entries(
     for i in range(to_evict):
         table.set(f"x{i}", value_for(f"x{i}", 200), clock.now + 864_000)
     evicted = [k for k in keys if table.get(k) is None]
+    # a sample may also pick an earlier new entry (it expires as late as the even half)
+    evicted_new = [f"x{i}" for i in range(to_evict) if table.get(f"x{i}") is None]
     soon = [k for k in evicted if int(k[1:]) % 2]
-    assert len(evicted) >= to_evict
+    assert len(evicted) + len(evicted_new) == table.stats().evictions >= to_evict
     assert len(soon) >= 0.75 * len(evicted), (len(soon), len(evicted))
 
 
