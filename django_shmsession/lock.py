@@ -99,6 +99,12 @@ IDENTITY = _Identity()
 os.register_at_fork(after_in_child=IDENTITY.refresh)
 
 
+class _ThreadOwnership(threading.local):
+    """The owner epoch this thread last recorded: tells whether this thread holds the lock."""
+
+    epoch = -1
+
+
 class TableLock:
     """Cross-process mutex over one table (see the module docstring for the protocol)."""
 
@@ -114,7 +120,7 @@ class TableLock:
         self._control = control
         self._arbiter_fd = arbiter_fd
         self.timeout = timeout
-        self._local = threading.local()  # epoch this thread recorded while acquiring
+        self.mine = _ThreadOwnership()
 
     def acquire(self) -> bool:
         """Take the lock; True when it was adopted from a dead holder (the caller must repair).
@@ -137,9 +143,11 @@ class TableLock:
             self._semaphore.release()
             raise
         control = self._control
-        control[CTL_OWNER_EPOCH] += 1
+        epoch = control[CTL_OWNER_EPOCH] + 1
+        control[CTL_OWNER_EPOCH] = epoch
         control[CTL_OWNER_START] = IDENTITY.start_time
         control[CTL_OWNER_PID] = IDENTITY.pid
+        self.mine.epoch = epoch
         return False
 
     def release(self) -> None:
@@ -168,7 +176,7 @@ class TableLock:
         pid, start, epoch = self.owner()
         if pid == 0 or holder_is_alive(pid, start):
             return False
-        self._local.epoch = -1
+        self.mine.epoch = -1
         try:
             return self._adopt((pid, start, epoch))
         except BaseException:
@@ -178,14 +186,12 @@ class TableLock:
     def _release_if_mine(self) -> None:
         """Release the lock if this thread recorded itself as owner during the failed call."""
         control = self._control
-        if control[CTL_OWNER_PID] == IDENTITY.pid and control[CTL_OWNER_EPOCH] == getattr(
-            self._local, "epoch", -1
-        ):
+        if control[CTL_OWNER_PID] == IDENTITY.pid and control[CTL_OWNER_EPOCH] == self.mine.epoch:
             self.release()
 
     def _acquire_contended(self) -> bool:
         control = self._control
-        self._local.epoch = -1
+        self.mine.epoch = -1
         deadline = time.monotonic() + self.timeout
         empty_since: tuple[int, float] | None = None  # (epoch, when first seen empty)
         while True:
@@ -193,7 +199,7 @@ class TableLock:
                 control[CTL_OWNER_EPOCH] += 1
                 control[CTL_OWNER_START] = IDENTITY.start_time
                 control[CTL_OWNER_PID] = IDENTITY.pid
-                self._local.epoch = control[CTL_OWNER_EPOCH]
+                self.mine.epoch = control[CTL_OWNER_EPOCH]
                 control[CTL_LOCK_WAITS] += 1
                 return False
             observed = self.owner()
@@ -258,7 +264,7 @@ class TableLock:
                 control[CTL_OWNER_EPOCH] += 1
                 control[CTL_OWNER_START] = IDENTITY.start_time
                 control[CTL_OWNER_PID] = IDENTITY.pid
-                self._local.epoch = control[CTL_OWNER_EPOCH]
+                self.mine.epoch = control[CTL_OWNER_EPOCH]
                 control[CTL_LOCK_RECOVERIES] += 1
                 return True
             finally:

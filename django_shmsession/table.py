@@ -40,6 +40,7 @@ from .layout import (
     CTL_HITS,
     CTL_MISSES,
     CTL_OVERSIZE,
+    CTL_OWNER_EPOCH,
     CTL_OWNER_PID,
     CTL_SETS,
     CTL_TABLE_FULL,
@@ -60,7 +61,7 @@ from .layout import (
     NIL,
     U32,
 )
-from .lock import TableLock
+from .lock import IDENTITY, TableLock
 from .memory import TableMemory, pad_key
 
 __all__ = ["FAULT_POINTS", "CheckReport", "SessionTable", "TableStats", "set_fault_hook"]
@@ -344,9 +345,14 @@ class SessionTable:
         if self._closed:
             raise ShmSessionError("this SessionTable is closed; open a new one")
         control = self._control
-        semaphore = self._lock.semaphore
-        self._lock.acquire()
+        lock = self._lock
+        semaphore = lock.semaphore
+        mine = lock.mine
+        pid = IDENTITY.pid
         try:
+            # Inside the try: on Python 3.10 a signal handler can raise right after the call
+            # returns. The finally below releases only what this thread recorded as its own.
+            lock.acquire()
             if _fault_hook is not None:
                 _fault_hook("lock:acquired")
             if control[CTL_DIRTY]:  # the previous holder died (adopted) or failed mid-write
@@ -358,16 +364,17 @@ class SessionTable:
                 self._repair()
                 return operation(*args, **kwargs)
         finally:
-            try:
-                if control[CTL_DIRTY]:  # an exception interrupted a write in this process
-                    self._repair()
-                if _fault_hook is not None:
-                    _fault_hook("lock:releasing")
-            finally:
-                # TableLock.release() inlined: no call (where a signal handler could raise)
-                # may come between the last table write and the post.
-                control[CTL_OWNER_PID] = 0
-                semaphore.release()
+            # No call before the post where a signal handler could raise (TableLock.release()
+            # is inlined below), so the lock is never left taken by a live process.
+            if control[CTL_OWNER_PID] == pid and control[CTL_OWNER_EPOCH] == mine.epoch:
+                try:
+                    if control[CTL_DIRTY]:  # an exception interrupted a write in this process
+                        self._repair()
+                    if _fault_hook is not None:
+                        _fault_hook("lock:releasing")
+                finally:
+                    control[CTL_OWNER_PID] = 0
+                    semaphore.release()
 
     def _repair(self) -> integrity.RepairResult:
         return integrity.rebuild(self._memory)
