@@ -52,8 +52,31 @@ __all__ = ["POLL_INTERVAL", "TableLock", "holder_is_alive", "posix_ipc", "proces
 #: fcntl locks do not exclude threads (or handles) of one process; this does, for the arbiter.
 _ADOPTION = threading.Lock()
 
-#: Signals blocked during a timed wait (SIGKILL and SIGSTOP cannot be blocked).
-_BLOCKABLE_SIGNALS = signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+#: Signals that can carry a Python handler (SIGKILL and SIGSTOP cannot be caught).
+_CATCHABLE_SIGNALS = sorted(
+    int(number) for number in signal.valid_signals() - {signal.SIGKILL, signal.SIGSTOP}
+)
+#: Seconds a computed set of handled signals is reused (``signal.getsignal`` of every signal
+#: costs ~20 µs; handlers are installed at start-up and rarely change).
+_HANDLED_SIGNALS_TTL = 1.0
+_handled_signals: tuple[float, frozenset[int]] = (0.0, frozenset())
+
+
+def _signals_with_python_handlers() -> frozenset[int]:
+    """Signals with a Python handler, when called from the main thread; empty elsewhere (only
+    the main thread runs Python handlers)."""
+    global _handled_signals
+    if threading.current_thread() is not threading.main_thread():
+        return frozenset()
+    expires, handled = _handled_signals
+    now = time.monotonic()
+    if now >= expires:
+        handled = frozenset(
+            number for number in _CATCHABLE_SIGNALS if callable(signal.getsignal(number))
+        )
+        _handled_signals = (now + _HANDLED_SIGNALS_TTL, handled)
+    return handled
+
 
 #: How often a waiter wakes up to look at the holder (bounds recovery latency).
 POLL_INTERVAL = 0.05
@@ -221,15 +244,26 @@ class TableLock:
                 raise self._timeout_error(pid)
 
     def _wait_once(self) -> bool:
-        """One timed wait with signals blocked; True if it took the semaphore.
+        """One timed wait; True if it took the semaphore.
 
         posix_ipc runs Python signal handlers inside an interrupted wait and replaces whatever
         they raise (KeyboardInterrupt, gunicorn's SystemExit) with SignalError, so the exception
-        would be lost. With signals blocked the wait is not interrupted; pending handlers run when
-        the mask is restored, in Python, where their exceptions propagate normally (and the
-        semaphore is posted back if this wait had taken it).
+        would be lost. In the main thread (the only one that runs Python handlers) the signals
+        that have Python handlers are blocked during the wait; pending handlers run when the mask
+        is restored, in Python, where their exceptions propagate normally (and the semaphore is
+        posted back if this wait had taken it).
         """
-        previous = signal.pthread_sigmask(signal.SIG_BLOCK, _BLOCKABLE_SIGNALS)
+        handled = _signals_with_python_handlers()
+        if not handled:
+            try:
+                self._semaphore.acquire(POLL_INTERVAL)
+            except (posix_ipc.BusyError, posix_ipc.SignalError):
+                return False
+            except BaseException:  # a handler ran after a successful wait
+                self._semaphore.release()
+                raise
+            return True
+        previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         try:
             self._semaphore.acquire(POLL_INTERVAL)
         except (posix_ipc.BusyError, posix_ipc.SignalError):
