@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import random
 import signal
+import sys
 import struct
 import time
 from collections.abc import Iterator
@@ -184,6 +185,12 @@ def competitor(conn: Conn, name: str, seconds: float) -> None:
 
 @pytest.mark.slow
 @pytest.mark.multiprocess
+@pytest.mark.xfail(
+    sys.version_info < (3, 11),
+    reason="Python 3.10 checks for signals between more bytecodes: a raising handler can still "
+    "land between the last table write and the post (known limit, docs/design.md)",
+    strict=False,
+)
 def test_exceptions_from_signal_handlers_never_leave_the_lock_taken(shm_name: str) -> None:
     """One process is interrupted inside table code ~500 times a second while another uses
     the same table: no leaked lock, no LockTimeout, no adoption, exactly one semaphore count."""
