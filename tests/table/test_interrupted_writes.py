@@ -10,8 +10,8 @@ from __future__ import annotations
 import os
 import random
 import signal
-import sys
 import struct
+import sys
 import time
 from collections.abc import Iterator
 from types import FrameType
