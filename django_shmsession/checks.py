@@ -107,10 +107,14 @@ def _check_segment(config: conf.ShmSessionConfig) -> list[CheckMessage]:
     return []
 
 
+#: /dev/shm room the semaphore takes besides the segment (one page, rounded up generously).
+SEMAPHORE_ROOM = 64 * 1024
+
+
 def _check_free_space(config: conf.ShmSessionConfig) -> list[CheckMessage]:
     stat = os.statvfs(SHM_DIR)
     free = stat.f_bavail * stat.f_frsize
-    if config.size <= free:
+    if config.size + SEMAPHORE_ROOM <= free:
         return []
     return [
         Error(

@@ -159,8 +159,11 @@ def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
     if size is not None:
         Geometry.plan(size, chunk_size)  # a size too small is refused before anything is created
     fd, created = _open_fd(name, size)
+    semaphore = None
     try:
         _check_private(fd, segment_path(name))
+        # The semaphore first: its page must not be the one a full-size segment lacks.
+        semaphore = _open_semaphore(name)
         # fcntl locks exclude other processes only; the thread lock excludes this one's threads.
         with _INIT_THREAD_LOCK:
             fcntl.lockf(fd, fcntl.LOCK_EX, 1, INIT_LOCK_BYTE)
@@ -168,9 +171,12 @@ def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
                 memory, geometry, secret = _map_initialized(name, fd, size, chunk_size, created)
             finally:
                 fcntl.lockf(fd, fcntl.LOCK_UN, 1, INIT_LOCK_BYTE)
-        semaphore = _open_semaphore(name)
-    except BaseException:
+    except BaseException as err:
+        if semaphore is not None:
+            semaphore.close()
         os.close(fd)
+        if created and isinstance(err, SegmentTooLarge):
+            unlink(name)  # both were made by this call for a table that cannot exist
         raise
     return Segment(name, fd, memory, geometry, secret, semaphore, created)
 
@@ -336,6 +342,13 @@ def _open_semaphore(name: str) -> Any:
         )
     except posix_ipc.PermissionsError as err:
         raise ForeignSegment(_foreign_message(name)) from err
+    except OSError as err:
+        if err.errno not in (errno.ENOSPC, errno.ENOMEM):
+            raise
+        raise SegmentTooLarge(
+            f"{SHM_DIR} is full: not even the table's semaphore fits ({shm_free_bytes()} bytes "
+            f"free). Free space in {SHM_DIR} or give it more room (Docker: --shm-size)"
+        ) from err
     try:
         info = os.stat(semaphore_path(name))
     except FileNotFoundError:  # pragma: no cover - glibc keeps semaphores in /dev/shm
