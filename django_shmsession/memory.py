@@ -265,6 +265,3 @@ class TableMemory:
             self.mm[start : start + len(piece)] = piece
             chunk = self.links[chunk]
         view.release()
-
-    def bucket_of(self, key_hash: int) -> int:
-        return key_hash & self.mask
