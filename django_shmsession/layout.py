@@ -66,24 +66,28 @@ if sys.byteorder != "little":  # pragma: no cover - no such host in CI
 
 MAGIC = b"SHMSESS\x01"
 INIT_MAGIC = b"SHMSINIT"
-LAYOUT_VERSION = 1
+#: Version 2: process registry, intent log, semaphore identity in the header (see docs/layout.md).
+LAYOUT_VERSION = 2
 
 HEADER_SIZE = 4096
 NIL = 0xFFFFFFFF
 KEY_MAX = 64
 
-#: Byte ranges of the segment file used as ``fcntl`` record locks (never as data locks):
-#: INIT serializes creation and initialization, ARBITER picks the one process that adopts a lock
-#: left by a dead holder. The kernel releases both when their holder dies.
+#: Byte offsets of the segment file used as open-file-description (``F_OFD_*``) record locks,
+#: never as data: INIT serializes creation and initialization, ARBITER picks the one waiter that
+#: may adopt a lock left by a dead holder, and byte ``SLOT_LOCK_BASE + i`` is held by the thread
+#: that owns registry slot ``i`` for as long as it lives. The kernel drops each lock when the last
+#: descriptor of its open file goes away, death included: liveness without pids.
 INIT_LOCK_BYTE = 0
 ARBITER_LOCK_BYTE = 1
+SLOT_LOCK_BASE = 4096
 
 MAGIC_STRUCT = struct.Struct("<8s")
 MAGIC_OFFSET = 0
 
 #: version, header_size, segment_size, bucket_count, entry_capacity, chunk_size, chunk_capacity,
-#: secret.
-GEOMETRY = struct.Struct("<IIQIIII16s")
+#: secret, semaphore st_dev, semaphore st_ino, registry slot count, intent area size.
+GEOMETRY = struct.Struct("<IIQIIII16sQQII")
 GEOMETRY_OFFSET = 8
 HEADER_CRC = struct.Struct("<I")
 HEADER_CRC_OFFSET = GEOMETRY_OFFSET + GEOMETRY.size
@@ -91,13 +95,13 @@ HEADER_CRC_OFFSET = GEOMETRY_OFFSET + GEOMETRY.size
 CONTROL_OFFSET = 128
 CONTROL_WORDS = 64
 
-# Control words (u64). The lock owner triple is written pid-last on acquire and cleared on release.
-CTL_DIRTY = 0  # nonzero while a write or repair is half-done: the next lock holder must repair
-DIRTY_WRITING = 1
-DIRTY_REPAIRING = 2  # waiters give a live repairer more than lock_timeout
-CTL_OWNER_PID = 1
-CTL_OWNER_START = 2  # /proc/<pid>/stat start time of the owner, so a reused pid is not trusted
-CTL_OWNER_EPOCH = 3  # bumped by every acquisition and adoption
+# Control words (u64), accessed through a memoryview cast to "Q": one aligned store per word.
+CTL_REPAIR = 0  # REPAIR_NEEDED: corruption was found, the next holder rebuilds; REPAIR_RUNNING
+REPAIR_NEEDED = 1
+REPAIR_RUNNING = 2  # a full rebuild is running: waiters give a live repairer more than the timeout
+CTL_LOCK_HOLDER = 1  # token (see slot_token) of the thread that holds the lock; 0 when none
+CTL_LOCK_PROBE = 2  # adoption probe number: waiters echo it in their slot after a failed wait
+CTL_LOCK_EPOCH = 3  # advances on every acquire, adoption and release
 CTL_FREE_ENTRY = 4  # head of the free-entry stack (NIL when empty)
 CTL_FREE_CHUNK = 5  # head of the free-chunk stack (NIL when empty)
 CTL_ENTRY_HWM = 6  # entries [hwm, capacity) have never been used
@@ -106,6 +110,9 @@ CTL_ENTRIES = 8  # live entries
 CTL_CHUNKS_USED = 9
 CTL_VALUE_BYTES = 10
 CTL_GENERATION = 11  # bumped by clear() and repairs
+CTL_LOCK_PRIORITY = 12  # token of the longest waiter: others defer to it (roughly FIFO hand-off)
+CTL_LOCK_PRIORITY_SINCE = 13  # CLOCK_MONOTONIC ns when the priority was last refreshed
+CTL_SLOT_HWM = 14  # registry slots [hwm, SLOT_COUNT) have never been claimed (scans stop there)
 # Statistics counters.
 CTL_HITS = 16
 CTL_MISSES = 17
@@ -119,6 +126,9 @@ CTL_REPAIRS = 24
 CTL_TABLE_FULL = 25
 CTL_OVERSIZE = 26
 CTL_CORRUPTION = 27
+CTL_ROLLBACKS = 28  # interrupted writes undone from the intent log
+CTL_ENTRIES_DROPPED = 29  # entries dropped because they failed a check
+CTL_LOCK_TIMEOUTS = 30
 
 #: Counter name -> control word, as reported by ``SessionTable.stats()``.
 COUNTERS = {
@@ -134,7 +144,74 @@ COUNTERS = {
     "table_full_errors": CTL_TABLE_FULL,
     "oversize_errors": CTL_OVERSIZE,
     "corruption_detected": CTL_CORRUPTION,
+    "rollbacks": CTL_ROLLBACKS,
+    "entries_dropped": CTL_ENTRIES_DROPPED,
+    "lock_timeouts": CTL_LOCK_TIMEOUTS,
 }
+
+# -- the process registry --------------------------------------------------------------------------
+#: One slot per thread that uses the table (claimed lazily, held through an OFD lock on byte
+#: ``SLOT_LOCK_BASE + slot``). Each slot is ``SLOT_WORDS`` u64 words at
+#: ``REGISTRY_OFFSET + slot * SLOT_SIZE``, indexed by the ``SW_*`` constants.
+REGISTRY_OFFSET = HEADER_SIZE
+SLOT_COUNT = 1024
+SLOT_WORDS = 8
+SLOT_SIZE = SLOT_WORDS * 8
+REGISTRY_SIZE = SLOT_COUNT * SLOT_SIZE
+SW_STATE = 0  # SLOT_IDLE / SLOT_ACQUIRING / SLOT_RELEASING (holding is CTL_LOCK_HOLDER == token)
+SW_ACK = 1  # the CTL_LOCK_PROBE value read before this slot's last failed wait
+SW_INCARNATION = 2  # bumped by every claim, so a dead holder's reused slot is not the holder
+SW_PID = 3  # for messages only (pids are not identity: namespaces, reuse)
+SW_TID = 4  # for messages only
+SW_SINCE = 5  # CLOCK_MONOTONIC ns when this slot started waiting (0 when not waiting)
+SLOT_IDLE = 0
+SLOT_ACQUIRING = 1  # about to wait, waiting, holding, or just got the semaphore (not recorded)
+SLOT_RELEASING = 3  # cleared ``holder``, not yet posted
+#: Slot tokens are ``incarnation << SLOT_TOKEN_BITS | (slot + 1)``; 0 means none.
+SLOT_TOKEN_BITS = 16
+
+
+def slot_token(slot: int, incarnation: int) -> int:
+    """The one-word identity of a slot's current owner (one aligned store: never torn)."""
+    return (incarnation << SLOT_TOKEN_BITS) | (slot + 1)
+
+
+def token_slot(token: int) -> int:
+    """The slot index of a nonzero token (may be out of range if the word is corrupt)."""
+    return (token & ((1 << SLOT_TOKEN_BITS) - 1)) - 1
+
+
+def token_incarnation(token: int) -> int:
+    return token >> SLOT_TOKEN_BITS
+
+
+# -- the intent log --------------------------------------------------------------------------------
+#: One write's intent (what it will change and the old values), armed before the write touches
+#: shared state and disarmed after it; recovery rolls that one write back (before its commit
+#: byte) or forward (after it). See :mod:`django_shmsession.intent` and docs/layout.md.
+#:
+#: ``INTENT_ARMED`` (u64 at ``INTENT_ARMED_OFFSET``) is the arm word: the record's sequence
+#: number while a write is in flight, 0 otherwise; it is stored last when arming and is the one
+#: store that disarms. ``INTENT_CRC`` is the CRC-32 of the packed ``INTENT_BODY``, so a damaged
+#: record is detected instead of being applied.
+INTENT_OFFSET = REGISTRY_OFFSET + REGISTRY_SIZE
+INTENT_SIZE = 4096
+INTENT_ARMED = struct.Struct("<Q")
+INTENT_ARMED_OFFSET = INTENT_OFFSET
+INTENT_CRC = struct.Struct("<I")
+INTENT_CRC_OFFSET = INTENT_OFFSET + 8
+INTENT_BODY_OFFSET = INTENT_OFFSET + 16
+#: seq, op, old_active, from_hwm, (pad), then u32: entry, bucket, pred, succ, free_entry,
+#: entry_hwm, chunks, stack_taken, last_stack, last_link, free_chunk, free_chunk_mid,
+#: chunk_hwm, first, freed_first, freed_count, length, old_length; then u64: entries,
+#: chunks_used, value_bytes, deletes, generation (all "old" values: before the write).
+INTENT_BODY = struct.Struct("<QBBBx18I5Q")
+INTENT_OP_INSERT = 1
+INTENT_OP_UPDATE = 2
+INTENT_OP_DELETE = 3
+INTENT_OP_CLEAR = 4
+#: Everything before the bucket array.
+FIXED_SIZE = INTENT_OFFSET + INTENT_SIZE
 
 ENTRY_FREE = 0
 ENTRY_USED = 1
@@ -189,8 +266,8 @@ class Geometry:
     chunks_offset: int = field(init=False)
 
     def __post_init__(self) -> None:
-        offsets = {"buckets_offset": HEADER_SIZE}
-        offsets["entries_offset"] = _align(HEADER_SIZE + self.bucket_count * U32)
+        offsets = {"buckets_offset": FIXED_SIZE}
+        offsets["entries_offset"] = _align(FIXED_SIZE + self.bucket_count * U32)
         offsets["chunk_links_offset"] = _align(
             offsets["entries_offset"] + self.entry_capacity * ENTRY_SIZE
         )
@@ -253,7 +330,7 @@ class Geometry:
         Raises ValueError when the size cannot hold ``MIN_ENTRIES`` entries.
         """
         per_entry = ENTRY_SIZE + 2 * U32 + chunks_per_entry * (chunk_size + 2 * U32)
-        entries = int((segment_size - HEADER_SIZE - 4 * 64) // per_entry)
+        entries = int((segment_size - FIXED_SIZE - 4 * 64) // per_entry)
         while entries >= MIN_ENTRIES:
             buckets = 1 << max(entries - 1, 1).bit_length()
             geometry = cls(

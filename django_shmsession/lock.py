@@ -1,43 +1,70 @@
-"""The table lock: a POSIX named semaphore that survives the death of its holder.
+"""The table lock: a POSIX semaphore whose holder may die anywhere without stalling the others.
 
-A POSIX semaphore is not released when the process holding it dies, so a worker SIGKILLed while
-it holds the lock would freeze every other worker forever. This module makes the lock
-recoverable:
+The whole protocol, and the argument that it never has two live holders, is in
+``docs/lock-protocol.md``; this module is its only implementation and the only writer of the
+lock words (``CTL_LOCK_*``) and the registry. In short:
 
-* every acquisition records the owner in the segment's control words: pid, the owner's start
-  time from ``/proc/<pid>/stat`` (so a recycled pid is not mistaken for the dead holder) and an
-  epoch that every acquisition bumps;
-* waiters use timed waits and, between waits, check whether the recorded owner is still alive;
-* when it is dead, exactly one waiter adopts the lock: the adopter must win a non-blocking
-  ``fcntl`` lock on one byte of the segment file (the *arbiter*, released by the kernel if the
-  adopter dies too) and re-read the owner words under it. The semaphore itself is never
-  released on the dead holder's behalf: the adopter simply becomes the holder;
-* a holder that died between acquiring the semaphore and writing its pid leaves the owner words
-  empty; a waiter that sees them empty with an unchanged epoch for a whole ``lock_timeout``
-  adopts the lock the same way.
-
-The lock knows the control-word indices (``CTL_*``) and nothing else about the layout.
+* every thread that uses the table claims a *slot* in the segment's registry and holds an
+  open-file-description lock on that slot's byte for as long as it lives, so the kernel says
+  whether a slot's owner is alive (no pids: pid reuse and PID namespaces do not matter);
+* a thread writes its slot's state around each step (ACQUIRING, RELEASING, IDLE) and records
+  its token as ``holder`` once it has the semaphore; the epoch advances on every
+  acquire, adoption and release;
+* a waiter that finds a dead recorded holder adopts the lock at once (the token died with it);
+  when no holder is recorded, the one waiter holding the *arbiter* runs a probe that proves no
+  live thread can own the semaphore before adopting (see the doc for the proof);
+* :meth:`TableLock.run` owns the whole critical section: acquire, recover an interrupted write
+  (through the table's :class:`Recovery`), run the operation, release (inlined).
 """
 
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 import signal
+import struct
 import threading
 import time
-from typing import Any
+import weakref
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, ParamSpec, Protocol, TypeVar
 
-from .exceptions import LockTimeout, UnsupportedPlatform
+from . import faults
+from .exceptions import CorruptTable, LockTimeout, ShmSessionError, UnsupportedPlatform
 from .layout import (
     ARBITER_LOCK_BYTE,
-    CTL_DIRTY,
+    CONTROL_OFFSET,
+    CONTROL_WORDS,
+    CTL_LOCK_EPOCH,
+    CTL_LOCK_HOLDER,
+    CTL_LOCK_PRIORITY,
+    CTL_LOCK_PRIORITY_SINCE,
+    CTL_LOCK_PROBE,
     CTL_LOCK_RECOVERIES,
+    CTL_LOCK_TIMEOUTS,
     CTL_LOCK_WAITS,
-    CTL_OWNER_EPOCH,
-    CTL_OWNER_PID,
-    CTL_OWNER_START,
-    DIRTY_REPAIRING,
+    CTL_REPAIR,
+    CTL_SLOT_HWM,
+    REGISTRY_OFFSET,
+    REGISTRY_SIZE,
+    REPAIR_RUNNING,
+    SLOT_ACQUIRING,
+    SLOT_COUNT,
+    SLOT_IDLE,
+    SLOT_LOCK_BASE,
+    SLOT_RELEASING,
+    SLOT_WORDS,
+    SW_ACK,
+    SW_INCARNATION,
+    SW_PID,
+    SW_SINCE,
+    SW_STATE,
+    SW_TID,
+    slot_token,
+    token_incarnation,
+    token_slot,
 )
 
 try:
@@ -47,10 +74,85 @@ except ImportError as err:  # pragma: no cover - posix_ipc is a hard dependency
         "django-shmsession needs the posix-ipc package: pip install posix-ipc"
     ) from err
 
-__all__ = ["POLL_INTERVAL", "TableLock", "holder_is_alive", "posix_ipc", "process_start_time"]
+__all__ = ["FAULT_POINTS", "POLL_INTERVAL", "Recovery", "TableLock", "posix_ipc"]
 
-#: fcntl locks do not exclude threads (or handles) of one process; this does, for the arbiter.
-_ADOPTION = threading.Lock()
+logger = logging.getLogger("django_shmsession")
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
+
+#: How long one timed wait lasts: bounds how late a waiter notices a dead holder.
+POLL_INTERVAL = 0.02
+#: Timed waits of the arbiter while it collects probe echoes (it decides as soon as they are in).
+PROBE_POLL = 0.002
+#: A waiter that has waited a whole poll claims priority; a claim not refreshed for this long is
+#: stale (its owner is stopped or gone) and ignored.
+PRIORITY_TTL_NS = int(4 * POLL_INTERVAL * 1e9)
+#: How long a thread that defers to a prioritized waiter sleeps before looking again.
+DEFER_SLEEP = 0.0003
+
+#: Fault points of the lock steps, in the order a contended acquire-run-release passes them
+#: (tests SIGKILL a process at each). Each store and semaphore operation has a before and after.
+#: Recording and adoption share their stores (holder, epoch): which one a point
+#: belongs to is the test's scenario (a dead holder or not).
+LOCK_STEPS = (
+    "acquire:state=ACQUIRING",
+    "acquire:sem_trywait",
+    "acquire:sem_timedwait",
+    "acquire:ack",
+    "record:holder",
+    "record:epoch",
+    "probe:probe",
+    "release:state=RELEASING",
+    "release:holder",
+    "release:epoch",
+    "release:sem_post",
+    "release:state=IDLE",
+)
+FAULT_POINTS = tuple(f"lock.{step}:{when}" for step in LOCK_STEPS for when in ("before", "after"))
+
+#: struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding), 32 bytes.
+_FLOCK = struct.Struct("hhqqi4x")
+_TOKEN_MASK = (1 << 64) - 1
+
+
+class Recovery(Protocol):
+    """What the lock needs from the table to finish or undo a write a dead holder left."""
+
+    def pending(self) -> bool:
+        """Return True when an interrupted write (or detected corruption) awaits recovery."""
+
+    def recover(self) -> None:
+        """Roll the interrupted write back or forward (under the lock)."""
+
+    def corrupted(self, err: CorruptTable) -> None:
+        """Leave the table consistent after an operation found damage (under the lock)."""
+
+
+def _ofd(fd: int, command: int, lock_type: int, byte: int) -> bytes:
+    return fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, byte, 1, 0))
+
+
+def _try_ofd_lock(fd: int, byte: int) -> bool:
+    """Take a write OFD lock on one byte without blocking; False if another description has it."""
+    try:
+        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, byte)
+    except (BlockingIOError, PermissionError):
+        return False
+    return True
+
+
+def _ofd_unlock(fd: int, byte: int) -> None:
+    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+
+
+def _ofd_locked_by_other(fd: int, byte: int) -> bool:
+    """True when a description other than ``fd``'s holds a lock on ``byte`` (its owner lives)."""
+    reply = _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte)
+    return int(_FLOCK.unpack(reply)[0]) != fcntl.F_UNLCK
+
+
+# -- signals ---------------------------------------------------------------------------------------
 
 #: Signals that can carry a Python handler (SIGKILL and SIGSTOP cannot be caught).
 _CATCHABLE_SIGNALS = sorted(
@@ -63,8 +165,8 @@ _handled_signals: tuple[float, frozenset[int]] = (0.0, frozenset())
 
 
 def _signals_with_python_handlers() -> frozenset[int]:
-    """Signals with a Python handler, when called from the main thread; empty elsewhere (only
-    the main thread runs Python handlers)."""
+    """Signals with a Python handler, from the main thread; empty elsewhere (only the main
+    thread runs Python handlers)."""
     global _handled_signals
     if threading.current_thread() is not threading.main_thread():
         return frozenset()
@@ -78,172 +180,330 @@ def _signals_with_python_handlers() -> frozenset[int]:
     return handled
 
 
-#: How often a waiter wakes up to look at the holder (bounds recovery latency).
-POLL_INTERVAL = 0.05
+# -- slots -----------------------------------------------------------------------------------------
 
 
-def process_start_time(pid: int) -> int | None:
-    """Start time of ``pid`` (field 22 of /proc/<pid>/stat), or None if it is dead or a zombie.
+class _Claim:
+    """One thread's registry slot: its own file description (holding the slot's OFD lock)."""
 
-    A killed gunicorn worker stays a zombie until the master reaps it; it holds nothing.
-    """
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as stat_file:
-            stat = stat_file.read()
-    except OSError:
-        return None
-    # The command name (field 2) may contain spaces and parentheses: split after the last ")".
-    fields = stat[stat.rfind(b")") + 2 :].split()
-    if len(fields) < 20 or fields[0] in (b"Z", b"X", b"x"):
-        return None
-    return int(fields[19])
+    __slots__ = ("__weakref__", "fd", "slot", "token", "state", "ack", "since", "pid", "stale")
 
-
-def holder_is_alive(pid: int, start_time: int) -> bool:
-    """True when process ``pid`` exists, is not a zombie and started at ``start_time``."""
-    return pid != 0 and process_start_time(pid) == start_time
-
-
-class _Identity:
-    """This process's pid and start time, refreshed after fork (the child is a new owner)."""
-
-    def __init__(self) -> None:
-        self.refresh()
-
-    def refresh(self) -> None:
+    def __init__(self, fd: int, slot: int, incarnation: int) -> None:
+        self.fd = fd
+        self.slot = slot
+        self.token = slot_token(slot, incarnation)
+        base = slot * SLOT_WORDS
+        self.state = base + SW_STATE
+        self.ack = base + SW_ACK
+        self.since = base + SW_SINCE
         self.pid = os.getpid()
-        start = process_start_time(self.pid)
-        if start is None:  # pragma: no cover - /proc is always mounted on supported hosts
-            raise UnsupportedPlatform("django-shmsession needs /proc (Linux)")
-        self.start_time = start
+        self.stale = False
+
+    def drop(self) -> None:
+        """Close the description: the kernel frees the slot (unless a fork child shares it)."""
+        if not self.stale:
+            self.stale = True
+            try:
+                os.close(self.fd)
+            except OSError:  # pragma: no cover - already closed
+                pass
+
+    def __del__(self) -> None:  # a thread that used the table ended
+        if not self.stale and self.pid == os.getpid():
+            self.drop()
 
 
-IDENTITY = _Identity()
-os.register_at_fork(after_in_child=IDENTITY.refresh)
+#: Every live claim of this process, so a fork child can forget its parent's.
+_ALL_CLAIMS: weakref.WeakSet[_Claim] = weakref.WeakSet()
 
 
-class _ThreadOwnership(threading.local):
-    """The owner epoch this thread last recorded: tells whether this thread holds the lock."""
+def _forget_claims_after_fork() -> None:
+    """In a fork child: the inherited descriptions (and slot locks) are the parent's."""
+    for claim in list(_ALL_CLAIMS):
+        claim.drop()
 
-    epoch = -1
+
+os.register_at_fork(after_in_child=_forget_claims_after_fork)
+
+
+class _ThreadClaim(threading.local):
+    claim: _Claim | None = None
+
+
+@dataclass
+class _Probe:
+    """An adoption probe in progress (held by the arbiter across polls)."""
+
+    epoch: int
+    number: int
+
+
+@dataclass
+class _Faulty:
+    """A view or semaphore that calls the fault hook around every store (tests only)."""
+
+    target: Any
+    label: str
+
+    def __getitem__(self, index: int) -> int:
+        value: int = self.target[index]
+        return value
+
+    def __setitem__(self, index: int, value: int) -> None:
+        point = _store_point(self.label, self.target, index, value)
+        _fault(point, "before")
+        self.target[index] = value
+        _fault(point, "after")
+
+    def acquire(self, timeout: float | None = None) -> None:
+        step = "acquire:sem_trywait" if timeout == 0 else "acquire:sem_timedwait"
+        _fault(step, "before")
+        self.target.acquire(timeout)
+        _fault(step, "after")
+
+    def release(self) -> None:
+        _fault("release:sem_post", "before")
+        self.target.release()
+        _fault("release:sem_post", "after")
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.target, name)
+
+
+_STATE_POINTS = {
+    SLOT_IDLE: "release:state=IDLE",
+    SLOT_ACQUIRING: "acquire:state=ACQUIRING",
+    SLOT_RELEASING: "release:state=RELEASING",
+}
+
+
+def _store_point(label: str, target: Any, index: int, value: int) -> str:
+    """The fault-point step of one store, named by what it writes."""
+    if label == "registry":
+        if index % SLOT_WORDS == SW_STATE:
+            return _STATE_POINTS.get(value, "registry:state")
+        return "acquire:ack" if index % SLOT_WORDS == SW_ACK else "registry:slot"
+    if index == CTL_LOCK_HOLDER:
+        return "record:holder" if value else "release:holder"
+    if index == CTL_LOCK_EPOCH:
+        return "release:epoch" if target[CTL_LOCK_HOLDER] == 0 else "record:epoch"
+    if index == CTL_LOCK_PROBE:
+        return "probe:probe"
+    return "control:counter"
+
+
+def _fault(step: str, when: str) -> None:
+    hook = faults.hook
+    if hook is not None:
+        hook(f"lock.{step}:{when}")
+
+
+# -- the lock --------------------------------------------------------------------------------------
 
 
 class TableLock:
-    """Cross-process mutex over one table (see the module docstring for the protocol)."""
+    """Cross-process, cross-thread mutex over one table (protocol: docs/lock-protocol.md)."""
 
-    def __init__(
-        self, semaphore: Any, control: memoryview, arbiter_fd: int, timeout: float
-    ) -> None:
+    def __init__(self, segment: Any, control: memoryview, timeout: float, recovery: Recovery):
         if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - Linux supports it
             raise UnsupportedPlatform(
                 "this platform has no timed semaphore waits (sem_timedwait), so a crashed "
                 "worker could freeze every other one; django-shmsession needs Linux"
             )
-        self._semaphore = semaphore
-        self._control = control
-        self._arbiter_fd = arbiter_fd
+        del control  # the lock keeps views of its own (and wraps them for fault tests)
+        self._segment = segment
+        whole = memoryview(segment.memory)
+        self._views = [
+            whole[CONTROL_OFFSET : CONTROL_OFFSET + CONTROL_WORDS * 8].cast("Q"),
+            whole[REGISTRY_OFFSET : REGISTRY_OFFSET + REGISTRY_SIZE].cast("Q"),
+            whole,
+        ]
+        control_view, registry_view = self._views[0], self._views[1]
+        self._control: Any = control_view
+        self._registry: Any = registry_view
+        self._semaphore: Any = segment.semaphore
+        if faults.hook is not None:
+            self._control = _Faulty(control_view, "control")
+            self._registry = _Faulty(registry_view, "registry")
+            self._semaphore = _Faulty(segment.semaphore, "semaphore")
         self.timeout = timeout
-        self.mine = _ThreadOwnership()
+        self._recovery = recovery
+        self._local = _ThreadClaim()
+        self._claims: weakref.WeakSet[_Claim] = weakref.WeakSet()
+        self._claim_lock = threading.Lock()
+        self._closed = False
 
-    def acquire(self) -> bool:
-        """Take the lock; True when it was adopted from a dead holder (the caller must repair).
+    # -- the critical section --------------------------------------------------------------------
 
-        Interrupting signals retry the wait. If a signal handler raises (gunicorn's SIGQUIT
-        handler calls ``sys.exit``), the exception propagates and the lock is not held: an
-        exception out of a successful ``sem.acquire`` call can only come from a handler that ran
-        after the wait returned, so the semaphore is posted back. No Python-level call separates
-        the wait from the owner record, so no handler can run in between.
+    def run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Run ``operation`` holding the lock, after recovering any interrupted write.
+
+        A ``CorruptTable`` from the operation lets the table repair, then retries once. The
+        release is inlined in the ``finally``: no Python call (where a signal handler could raise)
+        separates the last table write from the post.
+
+        :raises LockTimeout: one live holder kept the lock for the whole timeout.
         """
+        claim = self._local.claim
+        if claim is None or claim.stale:
+            claim = self._claim()
+        control = self._control
+        registry = self._registry
+        semaphore = self._semaphore
+        token = claim.token
+        state = claim.state
+        adopted = False
         try:
-            self._semaphore.acquire(0)
-        except (posix_ipc.BusyError, posix_ipc.SignalError):
+            registry[state] = SLOT_ACQUIRING
+            priority = control[CTL_LOCK_PRIORITY]
+            if priority and priority != token:
+                adopted = self._acquire_contended(claim)
+            else:
+                try:
+                    semaphore.acquire(0)
+                except posix_ipc.BusyError:
+                    adopted = self._acquire_contended(claim)
+                except BaseException:  # a signal handler raised after the trywait took it
+                    semaphore.release()
+                    raise
+                else:
+                    control[CTL_LOCK_HOLDER] = token
+                    control[CTL_LOCK_EPOCH] += 1
+            recovery = self._recovery
+            if recovery.pending():
+                recovery.recover()
             try:
-                return self._acquire_contended()
+                return operation(*args, **kwargs)
+            except CorruptTable as err:
+                recovery.corrupted(err)
+                return operation(*args, **kwargs)
+        finally:
+            if control[CTL_LOCK_HOLDER] == token:
+                try:
+                    if self._recovery.pending():  # an exception interrupted a write here
+                        self._recovery.recover()
+                finally:
+                    registry[state] = SLOT_RELEASING
+                    control[CTL_LOCK_HOLDER] = 0
+                    control[CTL_LOCK_EPOCH] += 1
+                    semaphore.release()
+                    registry[state] = SLOT_IDLE
+            else:
+                registry[state] = SLOT_IDLE
+            if adopted:
+                logger.warning(
+                    "django-shmsession: took over the session table lock of %s, which died "
+                    "holding it; its interrupted write was recovered",
+                    self._segment.name,
+                )
+
+    # -- registry ---------------------------------------------------------------------------------
+
+    def _claim(self) -> _Claim:
+        """Claim a free registry slot for this thread (through a description of its own)."""
+        with self._claim_lock:
+            if self._closed:
+                raise ShmSessionError("this SessionTable is closed; open a new one")
+            fd = os.open(f"/proc/self/fd/{self._segment.fd}", os.O_RDWR | os.O_CLOEXEC)
+            try:
+                slot = self._lock_free_slot(fd)
             except BaseException:
-                self._release_if_mine()
+                os.close(fd)
                 raise
-        except BaseException:
-            self._semaphore.release()
-            raise
+            registry = self._registry
+            base = slot * SLOT_WORDS
+            incarnation = (registry[base + SW_INCARNATION] + 1) & 0xFFFFFFFFFFFF
+            registry[base + SW_STATE] = SLOT_IDLE
+            registry[base + SW_ACK] = 0
+            registry[base + SW_SINCE] = 0
+            registry[base + SW_PID] = os.getpid()
+            registry[base + SW_TID] = threading.get_native_id()
+            registry[base + SW_INCARNATION] = incarnation
+            claim = _Claim(fd, slot, incarnation)
+            self._local.claim = claim
+            self._claims.add(claim)
+            _ALL_CLAIMS.add(claim)
+            return claim
+
+    def _lock_free_slot(self, fd: int) -> int:
         control = self._control
-        epoch = control[CTL_OWNER_EPOCH] + 1
-        control[CTL_OWNER_EPOCH] = epoch
-        control[CTL_OWNER_START] = IDENTITY.start_time
-        control[CTL_OWNER_PID] = IDENTITY.pid
-        self.mine.epoch = epoch
-        return False
+        for slot in range(SLOT_COUNT):
+            if _try_ofd_lock(fd, SLOT_LOCK_BASE + slot):
+                if slot >= min(control[CTL_SLOT_HWM], SLOT_COUNT):
+                    control[CTL_SLOT_HWM] = slot + 1
+                return slot
+        raise ShmSessionError(
+            f"all {SLOT_COUNT} registry slots of the session table are in use: more than "
+            f"{SLOT_COUNT} threads use it at once; use fewer threads per worker"
+        )
 
-    def release(self) -> None:
-        """Clear the owner words, then post the semaphore.
+    def _slot_alive(self, fd: int, slot: int) -> bool:
+        return _ofd_locked_by_other(fd, SLOT_LOCK_BASE + slot)
 
-        ``SessionTable._locked`` inlines these two statements (a Python call is a point where a
-        signal handler may run and raise before the post).
+    def _token_alive(self, fd: int, token: int) -> bool:
+        """True when the owner of ``token`` still owns its slot and lives."""
+        slot = token_slot(token)
+        if not 0 <= slot < SLOT_COUNT:
+            return False  # a corrupt word names no one: nobody can be robbed
+        incarnation = self._registry[slot * SLOT_WORDS + SW_INCARNATION]
+        return incarnation == token_incarnation(token) and self._slot_alive(fd, slot)
+
+    def _slot_hwm(self) -> int:
+        return int(min(self._control[CTL_SLOT_HWM], SLOT_COUNT))
+
+    # -- contended acquisition --------------------------------------------------------------------
+
+    def _acquire_contended(self, claim: _Claim) -> bool:
+        """Wait until this thread holds the lock; True if it adopted it from a dead holder.
+
+        The record stores follow a successful wait inline (no Python call in between, where a
+        signal handler could raise with the token taken but not recorded).
+
+        :raises LockTimeout: the same live holder kept the lock, the epoch unmoved, for
+            ``timeout`` seconds. On any exception this thread does not hold the lock.
         """
-        self._control[CTL_OWNER_PID] = 0
-        self._semaphore.release()
-
-    @property
-    def semaphore(self) -> Any:
-        return self._semaphore
-
-    def owner(self) -> tuple[int, int, int]:
-        """(pid, start time, epoch) as currently recorded; pid 0 means none recorded."""
+        registry = self._registry
         control = self._control
-        return control[CTL_OWNER_PID], control[CTL_OWNER_START], control[CTL_OWNER_EPOCH]
-
-    def adopt_if_dead(self) -> bool:
-        """Become the holder if the recorded holder is dead; True if this call adopted.
-
-        Used by gunicorn's ``child_exit`` hook so a dead worker's lock is recovered at once.
-        """
-        pid, start, epoch = self.owner()
-        if pid == 0 or holder_is_alive(pid, start):
-            return False
-        self.mine.epoch = -1
+        token = claim.token
+        registry[claim.since] = time.monotonic_ns()
+        wait = _Wait(self, claim)
         try:
-            return self._adopt((pid, start, epoch))
+            while True:
+                probe_number = control[CTL_LOCK_PROBE]
+                if wait.deferring():
+                    time.sleep(DEFER_SLEEP)
+                elif self._wait_once(wait.poll()):
+                    control[CTL_LOCK_HOLDER] = token
+                    control[CTL_LOCK_EPOCH] += 1
+                    self._recorded(claim)
+                    return False
+                registry[claim.ack] = probe_number
+                outcome = wait.after_failed_wait()
+                if outcome is not None:
+                    return outcome
         except BaseException:
-            self._release_if_mine()
+            wait.abandon()
             raise
+        finally:
+            registry[claim.since] = 0
+            wait.finish()
 
-    def _release_if_mine(self) -> None:
-        """Release the lock if this thread recorded itself as owner during the failed call."""
+    def _recorded(self, claim: _Claim) -> None:
+        """Bookkeeping once this thread is the recorded holder (after a wait or an adoption)."""
         control = self._control
-        if control[CTL_OWNER_PID] == IDENTITY.pid and control[CTL_OWNER_EPOCH] == self.mine.epoch:
-            self.release()
+        control[CTL_LOCK_WAITS] += 1
+        if control[CTL_LOCK_PRIORITY] == claim.token:
+            control[CTL_LOCK_PRIORITY] = 0
 
-    def _acquire_contended(self) -> bool:
+    def _adopt(self, claim: _Claim) -> None:
+        """Become the holder of a token that died with its owner (caller holds the arbiter)."""
         control = self._control
-        self.mine.epoch = -1
-        deadline = time.monotonic() + self.timeout
-        empty_since: tuple[int, float] | None = None  # (epoch, when first seen empty)
-        while True:
-            if self._wait_once():
-                control[CTL_OWNER_EPOCH] += 1
-                control[CTL_OWNER_START] = IDENTITY.start_time
-                control[CTL_OWNER_PID] = IDENTITY.pid
-                self.mine.epoch = control[CTL_OWNER_EPOCH]
-                control[CTL_LOCK_WAITS] += 1
-                return False
-            observed = self.owner()
-            pid, start, epoch = observed
-            now = time.monotonic()
-            if pid != 0:
-                empty_since = None
-                if control[CTL_DIRTY] == DIRTY_REPAIRING:
-                    # A live holder rebuilding a large table may take seconds: not a hang.
-                    deadline = max(deadline, now + self.timeout)
-                if not holder_is_alive(pid, start) and self._adopt(observed):
-                    return True
-            elif empty_since is None or empty_since[0] != epoch:
-                empty_since = (epoch, now)
-            elif now - empty_since[1] >= self.timeout and self._adopt(observed):
-                return True
-            # An empty owner gets a full extra timeout to be adopted before giving up.
-            if now >= deadline and (pid != 0 or now >= deadline + self.timeout):
-                raise self._timeout_error(pid)
+        control[CTL_LOCK_HOLDER] = claim.token
+        control[CTL_LOCK_EPOCH] += 1
+        control[CTL_LOCK_RECOVERIES] += 1
+        self._recorded(claim)
 
-    def _wait_once(self) -> bool:
+    def _wait_once(self, timeout: float) -> bool:
         """One timed wait; True if it took the semaphore.
 
         posix_ipc runs Python signal handlers inside an interrupted wait and replaces whatever
@@ -253,24 +513,25 @@ class TableLock:
         is restored, in Python, where their exceptions propagate normally (and the semaphore is
         posted back if this wait had taken it).
         """
+        semaphore = self._semaphore
         handled = _signals_with_python_handlers()
         if not handled:
             try:
-                self._semaphore.acquire(POLL_INTERVAL)
+                semaphore.acquire(timeout)
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 return False
             except BaseException:  # a handler ran after a successful wait
-                self._semaphore.release()
+                semaphore.release()
                 raise
             return True
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
         try:
-            self._semaphore.acquire(POLL_INTERVAL)
+            semaphore.acquire(timeout)
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             acquired = False
         except BaseException:  # a handler (flagged by another thread) ran after a successful wait
             try:
-                self._semaphore.release()
+                semaphore.release()
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             raise
@@ -280,34 +541,296 @@ class TableLock:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # pending handlers run here
         except BaseException:
             if acquired:
-                self._semaphore.release()
+                semaphore.release()
             raise
         return acquired
 
-    def _adopt(self, observed: tuple[int, int, int]) -> bool:
-        """Take over from a dead holder unless another process already did (arbiter-guarded)."""
-        with _ADOPTION:
-            try:
-                fcntl.lockf(self._arbiter_fd, fcntl.LOCK_EX | fcntl.LOCK_NB, 1, ARBITER_LOCK_BYTE)
-            except OSError:
-                return False  # another process is adopting right now
-            try:
-                if self.owner() != observed:
-                    return False  # somebody adopted (or the lock moved on) meanwhile
-                control = self._control
-                control[CTL_OWNER_EPOCH] += 1
-                control[CTL_OWNER_START] = IDENTITY.start_time
-                control[CTL_OWNER_PID] = IDENTITY.pid
-                self.mine.epoch = control[CTL_OWNER_EPOCH]
-                control[CTL_LOCK_RECOVERIES] += 1
-                return True
-            finally:
-                fcntl.lockf(self._arbiter_fd, fcntl.LOCK_UN, 1, ARBITER_LOCK_BYTE)
+    # -- adoption ---------------------------------------------------------------------------------
 
-    def _timeout_error(self, pid: int) -> LockTimeout:
-        holder = f"process {pid}" if pid else "a process that has not recorded its pid yet"
+    def _adopt_recorded(self, claim: _Claim, holder: int, epoch: int) -> bool:
+        """Adopt from a recorded holder that is dead; the caller holds the arbiter."""
+        control = self._control
+        if control[CTL_LOCK_HOLDER] != holder or control[CTL_LOCK_EPOCH] != epoch:
+            return False
+        if self._token_alive(claim.fd, holder):
+            return False
+        self._adopt(claim)
+        return True
+
+    def _scan(self, claim: _Claim, probe: int | None) -> str:
+        """Classify the other threads: "holder" if a live one is the recorded holder or is
+        RELEASING, "pending" if (with ``probe``) a live one has neither echoed it nor gone idle,
+        else "clear".
+
+        The holder word is read before the slots: a thread that owns the token after recording
+        itself has either its token in ``holder`` or its slot RELEASING (set before ``holder`` is
+        cleared), so it cannot slip between the two reads.
+        """
+        registry = self._registry
+        holder = self._control[CTL_LOCK_HOLDER]
+        if holder and holder != claim.token and self._token_alive(claim.fd, holder):
+            return "holder"
+        pending = False
+        for slot in range(self._slot_hwm()):
+            if slot == claim.slot:
+                continue
+            base = slot * SLOT_WORDS
+            state = registry[base + SW_STATE]
+            if state == SLOT_IDLE:
+                continue
+            if not self._slot_alive(claim.fd, slot):
+                continue
+            if state == SLOT_RELEASING:
+                return "holder"
+            if probe is not None and registry[base + SW_ACK] != probe:
+                pending = True
+        return "pending" if pending else "clear"
+
+    def _start_probe(self, claim: _Claim) -> _Probe | bool:
+        """Probe steps 1-4 (the caller holds the arbiter): True if the token turned out to be
+        free (this thread now holds it, recorded), False if a live holder exists, else the probe
+        whose echoes step 5 collects."""
+        control = self._control
+        epoch = control[CTL_LOCK_EPOCH]
+        if self._scan(claim, None) == "holder":
+            return False
+        try:
+            self._semaphore.acquire(0)
+        except posix_ipc.BusyError:
+            pass
+        except BaseException:  # a signal handler raised after the trywait took it
+            self._semaphore.release()
+            raise
+        else:
+            control[CTL_LOCK_HOLDER] = claim.token
+            control[CTL_LOCK_EPOCH] += 1
+            self._recorded(claim)
+            return True
+        number = (control[CTL_LOCK_PROBE] + 1) & _TOKEN_MASK
+        control[CTL_LOCK_PROBE] = number
+        return _Probe(epoch, number)
+
+    def _finish_probe(self, claim: _Claim, probe: _Probe) -> bool | None:
+        """Probe step 5: True if adopted, False if the probe failed, None to keep waiting."""
+        control = self._control
+        verdict = self._scan(claim, probe.number)
+        if control[CTL_LOCK_EPOCH] != probe.epoch or verdict == "holder":
+            return False
+        if verdict == "pending" or control[CTL_LOCK_HOLDER] != 0:
+            return None
+        self._adopt(claim)
+        return True
+
+    def recover_dead_holder(self, patience: float = 0.25) -> bool:
+        """If the lock's holder is dead, take it over, recover its write and release; True if so.
+
+        For gunicorn's ``child_exit`` hook, which knows a worker just died: a recorded dead holder
+        is adopted at once; a holder that died in a window is found by a probe, which waits at
+        most ``patience`` seconds for the waiting threads to answer.
+        """
+        claim = self._local.claim
+        if claim is None or claim.stale:
+            claim = self._claim()
+        registry = self._registry
+        registry[claim.state] = SLOT_ACQUIRING
+        adopted = False
+        try:
+            adopted = self._adopt_if_dead(claim, patience)
+        finally:
+            if self._control[CTL_LOCK_HOLDER] == claim.token:
+                try:
+                    if self._recovery.pending():
+                        self._recovery.recover()
+                finally:
+                    self._release(claim)
+            else:
+                registry[claim.state] = SLOT_IDLE
+        return adopted
+
+    def _adopt_if_dead(self, claim: _Claim, patience: float) -> bool:
+        """Adopt a dead holder's lock now (recorded) or after a probe of at most ``patience``."""
+        control = self._control
+        holder, epoch = control[CTL_LOCK_HOLDER], control[CTL_LOCK_EPOCH]
+        if holder and self._token_alive(claim.fd, holder):
+            return False
+        if not _try_ofd_lock(claim.fd, ARBITER_LOCK_BYTE):
+            return False  # a waiter is adopting right now
+        try:
+            if holder:
+                return self._adopt_recorded(claim, holder, epoch)
+            probe = self._start_probe(claim)
+            if isinstance(probe, bool):
+                return False  # the lock was free (now held by this thread) or has a live holder
+            deadline = time.monotonic() + patience
+            while time.monotonic() < deadline:
+                if self._wait_once(PROBE_POLL):
+                    control[CTL_LOCK_HOLDER] = claim.token
+                    control[CTL_LOCK_EPOCH] += 1
+                    return False  # the token was free after all
+                outcome = self._finish_probe(claim, probe)
+                if outcome is not None:
+                    return outcome
+            return False
+        finally:
+            _ofd_unlock(claim.fd, ARBITER_LOCK_BYTE)
+
+    def _release(self, claim: _Claim) -> None:
+        registry, control = self._registry, self._control
+        registry[claim.state] = SLOT_RELEASING
+        control[CTL_LOCK_HOLDER] = 0
+        control[CTL_LOCK_EPOCH] += 1
+        self._semaphore.release()
+        registry[claim.state] = SLOT_IDLE
+
+    # -- introspection ----------------------------------------------------------------------------
+
+    def holder(self) -> tuple[int, int] | None:
+        """(pid, tid) of the recorded holder, as it wrote them, or None (for messages)."""
+        token = self._control[CTL_LOCK_HOLDER]
+        slot = token_slot(token) if token else -1
+        if not 0 <= slot < SLOT_COUNT:
+            return None
+        base = slot * SLOT_WORDS
+        return int(self._registry[base + SW_PID]), int(self._registry[base + SW_TID])
+
+    def describe_slot(self, slot: int) -> str:
+        base = slot * SLOT_WORDS
+        pid, tid = self._registry[base + SW_PID], self._registry[base + SW_TID]
+        return f"process {pid}" + (f" (thread {tid})" if tid != pid else "")
+
+    def close(self) -> None:
+        """Give back this handle's registry slots and drop its views of the segment."""
+        with self._claim_lock:
+            self._closed = True
+            for claim in list(self._claims):
+                claim.drop()
+            self._local = _ThreadClaim()
+        for view in self._views:
+            view.release()
+
+
+class _Wait:
+    """One contended acquisition: deadline, priority, and the adoption work between waits."""
+
+    def __init__(self, lock: TableLock, claim: _Claim) -> None:
+        self.lock = lock
+        self.claim = claim
+        self.control = lock._control
+        self.epoch = self.control[CTL_LOCK_EPOCH]
+        self.holder = self.control[CTL_LOCK_HOLDER]
+        self.deadline = time.monotonic() + lock.timeout
+        self.arbiter = False
+        self.probe: _Probe | None = None
+        self.deferred_since: float | None = None
+
+    def poll(self) -> float:
+        return PROBE_POLL if self.probe is not None else POLL_INTERVAL
+
+    def deferring(self) -> bool:
+        """True while another live waiter's fresh priority claim stands (do not touch S)."""
+        priority = self.control[CTL_LOCK_PRIORITY]
+        if not priority or priority == self.claim.token or self.probe is not None:
+            return False
+        age = time.monotonic_ns() - self.control[CTL_LOCK_PRIORITY_SINCE]
+        return 0 <= age < PRIORITY_TTL_NS
+
+    def after_failed_wait(self) -> bool | None:
+        """Look at the holder after a wait that did not get the lock.
+
+        Returns True once this thread adopted the lock, False once it holds it without adopting
+        (the probe found the token free), None to keep waiting.
+        """
+        control = self.control
+        now = time.monotonic()
+        epoch, holder = control[CTL_LOCK_EPOCH], control[CTL_LOCK_HOLDER]
+        if epoch != self.epoch or holder != self.holder:
+            self.epoch, self.holder = epoch, holder
+            self.deadline = now + self.lock.timeout  # progress: the timeout starts over
+            self.probe = None
+        self._claim_priority()
+        if holder:
+            if self.lock._token_alive(self.claim.fd, holder):
+                if control[CTL_REPAIR] == REPAIR_RUNNING:
+                    self.deadline = max(self.deadline, now + self.lock.timeout)
+                self._give_up_arbiter()
+            elif self._take_arbiter() and self.lock._adopt_recorded(self.claim, holder, epoch):
+                return True
+        elif self._take_arbiter():
+            outcome = self._advance_probe()
+            if outcome is not None:
+                return outcome
+        if now >= self.deadline:
+            raise self._timeout()
+        return None
+
+    def _advance_probe(self) -> bool | None:
+        """Start the probe, or collect its echoes; True adopted, False holding, None waiting."""
+        lock = self.lock
+        if self.probe is None:
+            started = lock._start_probe(self.claim)
+            if started is True:
+                return False
+            if started is not False:
+                self.probe = started
+            return None
+        outcome = lock._finish_probe(self.claim, self.probe)
+        if outcome is False:
+            self.probe = None  # start over at the next failed wait
+            return None
+        return outcome
+
+    def _claim_priority(self) -> None:
+        """After a whole failed poll, make this the prioritized waiter if it is the oldest."""
+        control = self.control
+        token = self.claim.token
+        now_ns = time.monotonic_ns()
+        current = control[CTL_LOCK_PRIORITY]
+        if current != token:
+            fresh = 0 <= now_ns - control[CTL_LOCK_PRIORITY_SINCE] < PRIORITY_TTL_NS
+            if current and fresh and not self._older_than(current):
+                return
+            control[CTL_LOCK_PRIORITY] = token
+        control[CTL_LOCK_PRIORITY_SINCE] = now_ns
+
+    def _older_than(self, other: int) -> bool:
+        slot = token_slot(other)
+        if not 0 <= slot < SLOT_COUNT:
+            return True
+        registry = self.lock._registry
+        theirs = registry[slot * SLOT_WORDS + SW_SINCE]
+        mine = registry[self.claim.since]
+        return theirs == 0 or mine < theirs
+
+    def _take_arbiter(self) -> bool:
+        if not self.arbiter:
+            self.arbiter = _try_ofd_lock(self.claim.fd, ARBITER_LOCK_BYTE)
+        return self.arbiter
+
+    def _give_up_arbiter(self) -> None:
+        if self.arbiter:
+            _ofd_unlock(self.claim.fd, ARBITER_LOCK_BYTE)
+            self.arbiter = False
+            self.probe = None
+
+    def abandon(self) -> None:
+        control = self.control
+        if control[CTL_LOCK_PRIORITY] == self.claim.token:
+            control[CTL_LOCK_PRIORITY] = 0
+
+    def finish(self) -> None:
+        self._give_up_arbiter()
+
+    def _timeout(self) -> LockTimeout:
+        lock = self.lock
+        lock._control[CTL_LOCK_TIMEOUTS] += 1
+        if self.holder:
+            slot = token_slot(self.holder)
+            who = lock.describe_slot(slot) if 0 <= slot < SLOT_COUNT else "an unknown process"
+            detail = f"held by {who}"
+        else:
+            detail = "held by a process in the middle of taking or releasing it (it may be stopped)"
         return LockTimeout(
-            f"the session table lock was held by {holder} for more than {self.timeout:g} s; "
-            "that process is alive but stuck (inspect it, e.g. with py-spy dump --pid), or "
-            "raise SHMSESSION['LOCK_TIMEOUT'] if such long holds are expected"
+            f"the session table lock was {detail} for more than {lock.timeout:g} s without "
+            "progress; that process is alive but stuck (inspect it, e.g. with py-spy dump "
+            "--pid), or raise the lock timeout if such long holds are expected"
         )
