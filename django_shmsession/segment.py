@@ -6,24 +6,34 @@ Rules this module enforces (each learned the hard way, see shared/README.md):
   created empty with ``O_CREX`` and sized by us, and existing ones are opened with size 0.
 * ``ftruncate`` on tmpfs reserves nothing; touching pages later can SIGBUS. Pages are reserved
   with ``os.posix_fallocate``, which fails cleanly with ENOSPC when /dev/shm is too small.
-* Creation races: every opener takes an ``fcntl`` lock on the segment file before looking at the
-  header; whoever finds it empty (or half-initialized by a process that died) initializes it.
-  The real magic is written last.
+* Creation races: every opener takes an open-file-description lock on byte ``INIT_LOCK_BYTE`` of
+  the segment (on a description of its own, so threads of one process exclude each other too)
+  before looking at the header. Only the process that created the file initializes it in place;
+  the real magic is written last.
+* **One segment, one semaphore.** Initialization makes a fresh semaphore (created under a private
+  temporary name with ``O_CREX``, then renamed over the table's semaphore name) and records its
+  identity (st_dev, st_ino) in the header, so a new segment never pairs with an old semaphore.
+  Opening verifies that the name still names that semaphore. A segment whose semaphore is gone
+  or another one, whose file size no longer matches its header (truncated under running workers:
+  touching it would SIGBUS), or that was left uninitialized by a creator that died, is *broken*:
+  under its init lock, if the name still names it, its name is removed and a new pair created.
+  Concurrent openers serialize on the old segment's init lock and all end on the one new pair.
 * The segment and the semaphore are private (0600) and must belong to the current user.
-* Nothing here unlinks a segment on its own, except one this call created and failed to size.
+* Nothing here unlinks a working segment on its own.
 """
 
 from __future__ import annotations
 
 import errno
-import fcntl
 import mmap
 import os
 import secrets
 import stat
-import threading
+import time
 import zlib
-from dataclasses import dataclass
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from dataclasses import dataclass, field
 from typing import Any
 
 from .exceptions import (
@@ -41,6 +51,7 @@ from .layout import (
     CTL_ENTRY_HWM,
     CTL_FREE_CHUNK,
     CTL_FREE_ENTRY,
+    FIXED_SIZE,
     GEOMETRY,
     GEOMETRY_OFFSET,
     HEADER_CRC,
@@ -48,57 +59,84 @@ from .layout import (
     HEADER_SIZE,
     INIT_LOCK_BYTE,
     INIT_MAGIC,
+    INTENT_SIZE,
     LAYOUT_VERSION,
     MAGIC,
     MAGIC_OFFSET,
     MAGIC_STRUCT,
     NIL,
+    REGISTRY_OFFSET,
+    SLOT_COUNT,
     U32,
     Geometry,
 )
-from .lock import posix_ipc  # the one guarded import of posix_ipc
+from .platform import (
+    NAME_MAX,
+    SEMAPHORE_SUFFIX,
+    SHM_DIR,
+    lock_byte,
+    posix_ipc,
+    reopen,
+    segment_path,
+    semaphore_file,
+    semaphore_name,
+    semaphore_path,
+    shm_free_bytes,
+    validate_name,
+)
 
-SHM_DIR = "/dev/shm"
+__all__ = [
+    "MODE",
+    "NAME_MAX",
+    "SEMAPHORE_SUFFIX",
+    "SHM_DIR",
+    "PairIdentity",
+    "Segment",
+    "current_pair",
+    "open_segment",
+    "segment_path",
+    "semaphore_name",
+    "semaphore_path",
+    "shm_free_bytes",
+    "unlink",
+    "validate_name",
+]
+
 MODE = 0o600
-#: Longest segment name: semaphores live at /dev/shm/sem.<name>.lock and NAME_MAX is 255.
-NAME_MAX = 240
-SEMAPHORE_SUFFIX = ".lock"
-_INIT_THREAD_LOCK = threading.Lock()
+#: open_segment starts over at least this often (and for 4 * ABANDONED_AFTER) when the name is
+#: replaced under it, before giving up.
+ATTEMPTS = 20
+#: An uninitialized segment whose file did not change for this long lost its creator (a live
+#: creator takes the init lock microseconds after creating the file and holds it until done).
+ABANDONED_AFTER = 0.5
+_RETRY_PAUSE = 0.01
+
+FileId = tuple[int, int]  # (st_dev, st_ino)
 
 
-def validate_name(name: str) -> None:
-    """Raise ValueError unless ``name`` is a valid POSIX IPC name for a table."""
-    if not isinstance(name, str) or not name.startswith("/") or "/" in name[1:]:
-        raise ValueError(
-            f"table name {name!r} must start with '/' and contain no other '/', "
-            "e.g. '/mysite-sessions'"
-        )
-    if not 2 <= len(name.encode()) <= NAME_MAX or "\x00" in name:
-        raise ValueError(f"table name {name!r} must be 1 to {NAME_MAX - 1} bytes after the '/'")
+@dataclass(frozen=True)
+class PairIdentity:
+    """What names a table, by stat alone: the segment file, its size, and the semaphore."""
+
+    segment: FileId
+    size: int
+    semaphore: FileId
 
 
-def semaphore_name(name: str) -> str:
-    return name + SEMAPHORE_SUFFIX
+def current_pair(name: str) -> PairIdentity | None:
+    """The pair ``name`` names right now, or None when either file is missing.
 
-
-def segment_path(name: str) -> str:
-    return f"{SHM_DIR}/{name[1:]}"
-
-
-def semaphore_path(name: str) -> str:
-    return f"{SHM_DIR}/sem.{semaphore_name(name)[1:]}"
-
-
-def shm_free_bytes() -> int:
-    """Free bytes in /dev/shm (0 if it does not exist)."""
+    Stats only (never touches a mapping: a truncated segment would SIGBUS).
+    """
     try:
-        info = os.statvfs(SHM_DIR)
-    except OSError:
-        return 0
-    return info.f_bavail * info.f_frsize
+        seg = os.stat(segment_path(name))
+        sem = os.stat(semaphore_path(name))
+    except FileNotFoundError:
+        return None
+    return PairIdentity((seg.st_dev, seg.st_ino), seg.st_size, (sem.st_dev, sem.st_ino))
 
 
-def geometry_bytes(geometry: Geometry, secret: bytes) -> bytes:
+def geometry_bytes(geometry: Geometry, secret: bytes, semaphore_id: FileId) -> bytes:
     return GEOMETRY.pack(
         LAYOUT_VERSION,
         HEADER_SIZE,
@@ -108,6 +146,10 @@ def geometry_bytes(geometry: Geometry, secret: bytes) -> bytes:
         geometry.chunk_size,
         geometry.chunk_capacity,
         secret,
+        semaphore_id[0],
+        semaphore_id[1],
+        SLOT_COUNT,
+        INTENT_SIZE,
     )
 
 
@@ -115,9 +157,13 @@ def header_checksum(geometry_raw: bytes) -> int:
     return zlib.crc32(geometry_raw)
 
 
-@dataclass
+@dataclass(eq=False)
 class Segment:
-    """An open, validated segment: its mapping, geometry, hash secret and semaphore."""
+    """An open, validated segment: its mapping, geometry, hash secret and its own semaphore.
+
+    Closed explicitly by ``close()``, or when the last reference goes (``__del__``): a handle
+    replaced after an unlink must give its pages back even if nobody calls ``close()``.
+    """
 
     name: str
     fd: int
@@ -126,10 +172,16 @@ class Segment:
     secret: bytes
     semaphore: Any
     created: bool
+    pair: PairIdentity
+    closed: bool = field(default=False, init=False)
+
+    @property
+    def semaphore_id(self) -> FileId:
+        return self.pair.semaphore
 
     def rewrite_header(self) -> None:
         """Restore the geometry and checksum from this process's validated copy (repair)."""
-        raw = geometry_bytes(self.geometry, self.secret)
+        raw = geometry_bytes(self.geometry, self.secret, self.semaphore_id)
         self.memory[GEOMETRY_OFFSET : GEOMETRY_OFFSET + len(raw)] = raw
         HEADER_CRC.pack_into(self.memory, HEADER_CRC_OFFSET, header_checksum(raw))
         MAGIC_STRUCT.pack_into(self.memory, MAGIC_OFFSET, MAGIC)
@@ -140,59 +192,121 @@ class Segment:
         (magic,) = MAGIC_STRUCT.unpack_from(self.memory, MAGIC_OFFSET)
         return (
             magic == MAGIC
-            and raw == geometry_bytes(self.geometry, self.secret)
+            and raw == geometry_bytes(self.geometry, self.secret, self.semaphore_id)
             and (crc == header_checksum(raw))
         )
 
     def close(self) -> None:
-        self.memory.close()
+        """Unmap, close the fd and the semaphore; idempotent. The segment itself stays."""
+        if self.closed:
+            return
+        self.closed = True
+        with suppress(BufferError):  # a view still exports it: unmapped when that view goes
+            self.memory.close()
         os.close(self.fd)
         self.semaphore.close()
+
+    def __del__(self) -> None:
+        # posix_ipc's Semaphore does not sem_close on collection and an int fd never closes
+        # itself: without this, every dropped handle pinned a whole segment in /dev/shm.
+        with suppress(Exception):  # interpreter shutdown: modules may be gone
+            self.close()
+
+
+class _Retry:
+    """open_segment must start over (after ``delay`` seconds): the name changed under it."""
+
+    def __init__(self, delay: float = 0.0) -> None:
+        self.delay = delay
 
 
 def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
     """Open ``name``, creating and initializing it with ``size`` bytes if needed.
 
-    ``size=None`` opens an existing segment only.
+    ``size=None`` opens an existing, intact pair only (SegmentNotFound otherwise).
     """
     validate_name(name)
     if size is not None:
         Geometry.plan(size, chunk_size)  # a size too small is refused before anything is created
-    fd, created = _open_fd(name, size)
-    semaphore = None
-    try:
-        _check_private(fd, segment_path(name))
-        # The semaphore first: its page must not be the one a full-size segment lacks.
-        semaphore = _open_semaphore(name)
-        # fcntl locks exclude other processes only; the thread lock excludes this one's threads.
-        with _INIT_THREAD_LOCK:
-            fcntl.lockf(fd, fcntl.LOCK_EX, 1, INIT_LOCK_BYTE)
-            try:
-                memory, geometry, secret = _map_initialized(name, fd, size, chunk_size, created)
-            finally:
-                fcntl.lockf(fd, fcntl.LOCK_UN, 1, INIT_LOCK_BYTE)
-    except BaseException as err:
-        if semaphore is not None:
-            semaphore.close()
+    deadline = time.monotonic() + 4 * ABANDONED_AFTER
+    attempts = 0
+    while attempts < ATTEMPTS or time.monotonic() < deadline:
+        attempts += 1
+        fd, created = _open_fd(name, size)
+        try:
+            outcome = _open_under_init_lock(name, fd, size, chunk_size, created)
+        except BaseException:
+            os.close(fd)
+            raise
+        if isinstance(outcome, Segment):
+            return outcome
         os.close(fd)
-        if created and isinstance(err, SegmentTooLarge):
-            unlink(name)  # both were made by this call for a table that cannot exist
-        raise
-    return Segment(name, fd, memory, geometry, secret, semaphore, created)
+        time.sleep(outcome.delay)
+    raise ShmSessionError(f"could not open or create {name!r}: it keeps being replaced")
 
 
 def unlink(name: str) -> bool:
-    """Remove the segment and its semaphore; True if either existed."""
+    """Remove the segment and its semaphore; True if either existed.
+
+    Both go under the segment's init lock, the semaphore first: while the lock is held no
+    opener can look at the segment, and until the segment's name goes it stops any creator,
+    so no process can pair a new segment with the old semaphore (or the old segment with a
+    new one) between the two removals.
+    """
     validate_name(name)
-    existed = False
-    for remove in (posix_ipc.unlink_shared_memory, posix_ipc.unlink_semaphore):
-        target = name if remove is posix_ipc.unlink_shared_memory else semaphore_name(name)
-        try:
-            remove(target)
-            existed = True
-        except posix_ipc.ExistentialError:
-            pass
-    return existed
+    try:
+        fd = posix_ipc.SharedMemory(name, 0).fd
+    except posix_ipc.ExistentialError:
+        return _unlink_semaphore(name)
+    except posix_ipc.PermissionsError as err:
+        raise ForeignSegment(_foreign_message(name)) from err
+    try:
+        with _init_lock(fd):
+            removed_semaphore = _unlink_semaphore(name)
+            removed_segment = _unlink_segment_if_named(name, fd)
+    finally:
+        os.close(fd)
+    return removed_semaphore or removed_segment
+
+
+@contextmanager
+def _init_lock(fd: int) -> Iterator[None]:
+    """Hold the init lock of the file behind ``fd`` (on a description of our own)."""
+    lock_fd = reopen(fd)
+    try:
+        lock_byte(lock_fd, INIT_LOCK_BYTE, wait=True)
+        yield
+    finally:
+        os.close(lock_fd)  # the last descriptor of the description: the kernel drops the lock
+
+
+def _unlink_semaphore(name: str) -> bool:
+    try:
+        posix_ipc.unlink_semaphore(semaphore_name(name))
+    except posix_ipc.ExistentialError:
+        return False
+    return True
+
+
+def _names(name: str, fd: int) -> bool:
+    """True when ``name`` still names the file behind ``fd``."""
+    try:
+        info = os.stat(segment_path(name))
+    except FileNotFoundError:
+        return False
+    mine = os.fstat(fd)
+    return (info.st_dev, info.st_ino) == (mine.st_dev, mine.st_ino)
+
+
+def _unlink_segment_if_named(name: str, fd: int) -> bool:
+    """Remove the name if it names ``fd``'s file (call under its init lock)."""
+    if not _names(name, fd):
+        return False
+    try:
+        posix_ipc.unlink_shared_memory(name)
+    except posix_ipc.ExistentialError:  # pragma: no cover - removed by hand just now
+        return False
+    return True
 
 
 def _open_fd(name: str, size: int | None) -> tuple[int, bool]:
@@ -229,11 +343,6 @@ def _foreign_message(name: str) -> str:
     )
 
 
-def _check_private(fd: int, path: str) -> None:
-    info = os.fstat(fd)
-    _require_private(info, path)
-
-
 def _require_private(info: os.stat_result, path: str) -> None:
     if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
         raise ForeignSegment(
@@ -243,72 +352,225 @@ def _require_private(info: os.stat_result, path: str) -> None:
         )
 
 
-def _map_initialized(
+# -- opening: under the segment's init lock --------------------------------------------------------
+
+
+def _open_under_init_lock(
     name: str, fd: int, size: int | None, chunk_size: int, created: bool
-) -> tuple[mmap.mmap, Geometry, bytes]:
-    """Under the init lock: validate an initialized segment, or initialize an empty one."""
-    actual = os.fstat(fd).st_size
-    magic = os.pread(fd, len(MAGIC), MAGIC_OFFSET) if actual >= HEADER_SIZE else b""
-    if magic == MAGIC:
-        return _map_existing(name, fd, actual, size)
-    if magic not in (b"", INIT_MAGIC, bytes(len(MAGIC))):
+) -> Segment | _Retry:
+    _require_private(os.fstat(fd), segment_path(name))
+    with _init_lock(fd):
+        if not _names(name, fd):
+            return _Retry()  # replaced or removed before we got the lock: open the current one
+        info = os.fstat(fd)
+        magic = os.pread(fd, len(MAGIC), MAGIC_OFFSET) if info.st_size >= HEADER_SIZE else b""
+        if magic == MAGIC:
+            return _open_initialized(name, fd, info.st_size, size)
+        if magic not in (b"", INIT_MAGIC, bytes(len(MAGIC))):
+            raise LayoutMismatch(
+                f"{segment_path(name)} is not a django-shmsession table (unknown magic "
+                f"{magic!r}) or was written by an incompatible version; remove it with "
+                f"`manage.py shmsession unlink` (drops its sessions) or choose another NAME"
+            )
+        if size is None:
+            raise SegmentNotFound(
+                f"the session table {name!r} exists but was never initialized; start the site "
+                "(with SHMSESSION['SIZE'] set) to initialize it"
+            )
+        if created:
+            return _initialize(name, fd, size, chunk_size)
+        return _replace_if_abandoned(name, fd, info)
+
+
+def _replace_if_abandoned(name: str, fd: int, info: os.stat_result) -> _Retry:
+    """An uninitialized segment someone else created: wait for its creator, unless it is gone.
+
+    Never initialized in place: it may be a live table truncated to nothing, still mapped by
+    workers that would then write into a new table under their old semaphore.
+    """
+    if time.time() - info.st_ctime < ABANDONED_AFTER:
+        return _Retry(_RETRY_PAUSE)
+    _unlink_segment_if_named(name, fd)
+    return _Retry()
+
+
+def _open_initialized(name: str, fd: int, actual: int, size: int | None) -> Segment | _Retry:
+    geometry, secret, semaphore_id = _read_header(name, fd)
+    broken = _broken_because(name, geometry, actual, semaphore_id)
+    if broken is not None:
+        if size is None:
+            raise SegmentNotFound(
+                f"the session table {name!r} is unusable ({broken}); the site replaces it with "
+                "a new, empty one at its next request"
+            )
+        _unlink_segment_if_named(name, fd)  # under its init lock: the next opener creates
+        return _Retry()
+    if size is not None and size != geometry.segment_size:
         raise LayoutMismatch(
-            f"{segment_path(name)} is not a django-shmsession table (unknown magic {magic!r}) "
-            f"or was written by an incompatible version; remove it with "
-            f"`manage.py shmsession unlink` (drops its sessions) or choose another NAME"
+            f"the session table {segment_path(name)} is {geometry.segment_size} bytes but "
+            f"{size} bytes were requested; an existing table is never resized: set "
+            f"SHMSESSION['SIZE'] to {geometry.segment_size}, or {_RECREATE} with the new size"
         )
-    if size is None:
-        raise SegmentNotFound(
-            f"the session table {name!r} exists but was never initialized; start the site "
-            "(with SHMSESSION['SIZE'] set) to initialize it"
-        )
-    return _initialize(name, fd, size, chunk_size, created)
+    semaphore = _open_paired_semaphore(name, semaphore_id)
+    if semaphore is None:
+        return _Retry()  # replaced between the check and the open: look again
+    memory = mmap.mmap(fd, actual)
+    pair = _pair_of(fd, actual, semaphore_id)
+    return Segment(name, fd, memory, geometry, secret, semaphore, False, pair)
 
 
-def _map_existing(
-    name: str, fd: int, actual: int, size: int | None
-) -> tuple[mmap.mmap, Geometry, bytes]:
+_RECREATE = (
+    "remove it with `manage.py shmsession unlink` (this drops its sessions) and restart the "
+    "site to recreate it"
+)
+
+
+def _read_header(name: str, fd: int) -> tuple[Geometry, bytes, FileId]:
+    """The validated geometry, secret and recorded semaphore identity of an initialized file."""
     raw = os.pread(fd, GEOMETRY.size, GEOMETRY_OFFSET)
     (crc,) = HEADER_CRC.unpack(os.pread(fd, HEADER_CRC.size, HEADER_CRC_OFFSET))
-    version, header_size, segment_size, buckets, entries, chunk_size, chunks, secret = (
-        GEOMETRY.unpack(raw)
-    )
-    recreate = (
-        "remove it with `manage.py shmsession unlink` (this drops its sessions) and restart the "
-        "site to recreate it"
-    )
-    if version != LAYOUT_VERSION or header_size != HEADER_SIZE:
+    (
+        version,
+        header_size,
+        segment_size,
+        buckets,
+        entries,
+        chunk_size,
+        chunks,
+        secret,
+        sem_dev,
+        sem_ino,
+        slot_count,
+        intent_size,
+    ) = GEOMETRY.unpack(raw)
+    if (
+        version != LAYOUT_VERSION
+        or header_size != HEADER_SIZE
+        or slot_count != SLOT_COUNT
+        or intent_size != INTENT_SIZE
+    ):
         raise LayoutMismatch(
             f"{segment_path(name)} has layout version {version}, this django-shmsession uses "
-            f"{LAYOUT_VERSION}; {recreate}"
+            f"{LAYOUT_VERSION}; {_RECREATE}"
         )
     if crc != header_checksum(raw):
-        raise CorruptTable(f"the header of {segment_path(name)} is corrupt; {recreate}")
+        raise CorruptTable(f"the header of {segment_path(name)} is corrupt; {_RECREATE}")
     geometry = Geometry(segment_size, buckets, entries, chunk_size, chunks)
-    if segment_size != actual or not geometry.is_consistent():
-        raise CorruptTable(
-            f"{segment_path(name)} is {actual} bytes but its header says {segment_size}; {recreate}"
-        )
-    if size is not None and size != segment_size:
-        raise LayoutMismatch(
-            f"the session table {segment_path(name)} is {segment_size} bytes but {size} bytes "
-            f"were requested; an existing table is never resized: set SHMSESSION['SIZE'] to "
-            f"{segment_size}, or {recreate} with the new size"
-        )
-    memory = mmap.mmap(fd, actual)
-    return memory, geometry, secret
+    if not geometry.is_consistent():
+        raise CorruptTable(f"the geometry in {segment_path(name)} is inconsistent; {_RECREATE}")
+    return geometry, secret, (sem_dev, sem_ino)
 
 
-def _initialize(
-    name: str, fd: int, size: int, chunk_size: int, created: bool
-) -> tuple[mmap.mmap, Geometry, bytes]:
+def _broken_because(name: str, geometry: Geometry, actual: int, semaphore_id: FileId) -> str | None:
+    """Why this initialized segment cannot be used as it is, or None when the pair is intact."""
+    if actual != geometry.segment_size:
+        return f"{segment_path(name)} is {actual} bytes but its header says {geometry.segment_size}"
+    try:
+        info = os.stat(semaphore_path(name))
+    except FileNotFoundError:
+        return f"its semaphore {semaphore_path(name)} was removed"
+    if (info.st_dev, info.st_ino) != semaphore_id:
+        return f"{semaphore_path(name)} is not the semaphore it was created with"
+    return None
+
+
+def _open_paired_semaphore(name: str, semaphore_id: FileId) -> Any | None:
+    """Open the existing semaphore if it is the recorded one; None if it changed meanwhile.
+
+    Opened, then stat'ed: the recorded semaphore was named before its header was written (and
+    so before we read it), and a name that stops naming a file never names it again, so a
+    match after the open proves the open got that very semaphore.
+    """
+    try:
+        semaphore = posix_ipc.Semaphore(semaphore_name(name), 0)
+    except posix_ipc.ExistentialError:
+        return None
+    except posix_ipc.PermissionsError as err:
+        raise ForeignSegment(_foreign_message(name)) from err
+    try:
+        info = os.stat(semaphore_path(name))
+        if (info.st_dev, info.st_ino) != semaphore_id:
+            semaphore.close()
+            return None
+        _require_private(info, semaphore_path(name))
+    except BaseException:
+        semaphore.close()
+        raise
+    return semaphore
+
+
+def _pair_of(fd: int, size: int, semaphore_id: FileId) -> PairIdentity:
+    info = os.fstat(fd)
+    return PairIdentity((info.st_dev, info.st_ino), size, semaphore_id)
+
+
+# -- creating: by the process that created the file, under its init lock --------------------------
+
+
+def _initialize(name: str, fd: int, size: int, chunk_size: int) -> Segment:
+    """Reserve the pages, install a fresh semaphore, write the header (magic last)."""
     geometry = Geometry.plan(size, chunk_size)
+    # The semaphore first, under a temporary name: its page must not be the one a full-size
+    # segment lacks, and the table's name keeps its old semaphore until the segment is sized.
+    semaphore, temporary, semaphore_id = _fresh_semaphore(name)
+    try:
+        _reserve(name, fd, size)
+        os.rename(semaphore_file(temporary), semaphore_path(name))
+    except BaseException:
+        semaphore.close()
+        _unlink_quietly(temporary)
+        raise
+    try:
+        memory = mmap.mmap(fd, size)
+        secret = secrets.token_bytes(16)
+        _write_header(memory, geometry, secret, semaphore_id)
+    except BaseException:
+        semaphore.close()
+        raise
+    pair = _pair_of(fd, size, semaphore_id)
+    return Segment(name, fd, memory, geometry, secret, semaphore, True, pair)
+
+
+def _fresh_semaphore(name: str) -> tuple[Any, str, FileId]:
+    """A new semaphore (value 1) under a temporary name, and its identity.
+
+    The temporary name is ours alone, so its stat is certainly the semaphore we hold; renaming
+    it over the table's name then replaces any old semaphore in one step.
+    """
+    for _ in range(10):
+        temporary = f"{name[:200]}.new-{secrets.token_hex(6)}"
+        try:
+            semaphore = posix_ipc.Semaphore(temporary, posix_ipc.O_CREX, mode=MODE, initial_value=1)
+        except posix_ipc.ExistentialError:  # pragma: no cover - 48 random bits collided
+            continue
+        except posix_ipc.PermissionsError as err:
+            raise ForeignSegment(_foreign_message(name)) from err
+        except OSError as err:
+            if err.errno not in (errno.ENOSPC, errno.ENOMEM):
+                raise
+            raise SegmentTooLarge(
+                f"{SHM_DIR} is full: not even the table's semaphore fits ({shm_free_bytes()} "
+                f"bytes free). Free space in {SHM_DIR} or give it more room (Docker: --shm-size)"
+            ) from err
+        info = os.stat(semaphore_file(temporary))
+        return semaphore, temporary, (info.st_dev, info.st_ino)
+    raise ShmSessionError(  # pragma: no cover - see above
+        f"could not create a semaphore for {name!r}"
+    )
+
+
+def _unlink_quietly(semaphore: str) -> None:
+    with suppress(posix_ipc.ExistentialError):
+        posix_ipc.unlink_semaphore(semaphore)
+
+
+def _reserve(name: str, fd: int, size: int) -> None:
+    """posix_fallocate the whole segment; on ENOSPC remove the file this call created."""
     try:
         os.posix_fallocate(fd, 0, size)
     except OSError as err:
         os.ftruncate(fd, 0)
-        if created:
-            posix_ipc.unlink_shared_memory(name)
+        _unlink_segment_if_named(name, fd)
         if err.errno in (errno.ENOSPC, errno.ENOMEM, errno.EFBIG):
             raise SegmentTooLarge(
                 f"cannot allocate a {size}-byte session table in {SHM_DIR}: only "
@@ -316,13 +578,17 @@ def _initialize(
                 f"{SHM_DIR} more room (Docker: --shm-size; tmpfs: mount -o remount,size=...)"
             ) from err
         raise
-    memory = mmap.mmap(fd, size)
-    secret = secrets.token_bytes(16)
+
+
+def _write_header(
+    memory: mmap.mmap, geometry: Geometry, secret: bytes, semaphore_id: FileId
+) -> None:
     MAGIC_STRUCT.pack_into(memory, MAGIC_OFFSET, INIT_MAGIC)
-    raw = geometry_bytes(geometry, secret)
+    raw = geometry_bytes(geometry, secret, semaphore_id)
     memory[GEOMETRY_OFFSET : GEOMETRY_OFFSET + len(raw)] = raw
     HEADER_CRC.pack_into(memory, HEADER_CRC_OFFSET, header_checksum(raw))
     memory[CONTROL_OFFSET : CONTROL_OFFSET + CONTROL_WORDS * 8] = bytes(CONTROL_WORDS * 8)
+    memory[REGISTRY_OFFSET:FIXED_SIZE] = bytes(FIXED_SIZE - REGISTRY_OFFSET)  # registry, intent
     control = memoryview(memory)[CONTROL_OFFSET : CONTROL_OFFSET + CONTROL_WORDS * 8].cast("Q")
     control[CTL_FREE_ENTRY] = NIL
     control[CTL_FREE_CHUNK] = NIL
@@ -332,30 +598,3 @@ def _initialize(
     start = geometry.buckets_offset
     memory[start : start + geometry.bucket_count * U32] = b"\xff" * (geometry.bucket_count * U32)
     MAGIC_STRUCT.pack_into(memory, MAGIC_OFFSET, MAGIC)
-    return memory, geometry, secret
-
-
-def _open_semaphore(name: str) -> Any:
-    try:
-        semaphore = posix_ipc.Semaphore(
-            semaphore_name(name), posix_ipc.O_CREAT, mode=MODE, initial_value=1
-        )
-    except posix_ipc.PermissionsError as err:
-        raise ForeignSegment(_foreign_message(name)) from err
-    except OSError as err:
-        if err.errno not in (errno.ENOSPC, errno.ENOMEM):
-            raise
-        raise SegmentTooLarge(
-            f"{SHM_DIR} is full: not even the table's semaphore fits ({shm_free_bytes()} bytes "
-            f"free). Free space in {SHM_DIR} or give it more room (Docker: --shm-size)"
-        ) from err
-    try:
-        info = os.stat(semaphore_path(name))
-    except FileNotFoundError:  # pragma: no cover - glibc keeps semaphores in /dev/shm
-        return semaphore
-    try:
-        _require_private(info, semaphore_path(name))
-    except ForeignSegment:
-        semaphore.close()
-        raise
-    return semaphore
