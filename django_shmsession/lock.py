@@ -236,6 +236,9 @@ class _Probe:
 
     epoch: int
     number: int
+    #: Consecutive final checks that found the way clear: adoption needs two, a poll apart, so
+    #: a store still in another CPU's store buffer (weakly ordered CPUs) has drained.
+    clear_checks: int = 0
 
 
 @dataclass
@@ -363,6 +366,8 @@ class TableLock:
                     semaphore.acquire(0)
                 except posix_ipc.BusyError:
                     adopted = self._acquire_contended(claim)
+                except posix_ipc.Error:
+                    raise  # the trywait itself failed: nothing was taken
                 except BaseException:  # a signal handler raised after the trywait took it
                     semaphore.release()
                     raise
@@ -469,7 +474,6 @@ class TableLock:
         wait = _Wait(self, claim)
         try:
             while True:
-                probe_number = control[CTL_LOCK_PROBE]
                 if wait.deferring():
                     time.sleep(DEFER_SLEEP)
                 elif self._wait_once(wait.poll()):
@@ -477,7 +481,9 @@ class TableLock:
                     control[CTL_LOCK_EPOCH] += 1
                     self._recorded(claim)
                     return False
-                registry[claim.ack] = probe_number
+                # Not owning the token, this thread answers the current probe (a thread that
+                # owns the token never writes its ack: that is what the probe relies on).
+                registry[claim.ack] = control[CTL_LOCK_PROBE]
                 outcome = wait.after_failed_wait()
                 if outcome is not None:
                     return outcome
@@ -520,6 +526,8 @@ class TableLock:
                 semaphore.acquire(timeout)
             except (posix_ipc.BusyError, posix_ipc.SignalError):
                 return False
+            except posix_ipc.Error:
+                raise  # the wait itself failed: nothing was taken
             except BaseException:  # a handler ran after a successful wait
                 semaphore.release()
                 raise
@@ -529,6 +537,9 @@ class TableLock:
             semaphore.acquire(timeout)
         except (posix_ipc.BusyError, posix_ipc.SignalError):
             acquired = False
+        except posix_ipc.Error:
+            signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+            raise  # the wait itself failed: nothing was taken
         except BaseException:  # a handler (flagged by another thread) ran after a successful wait
             try:
                 semaphore.release()
@@ -598,6 +609,8 @@ class TableLock:
             self._semaphore.acquire(0)
         except posix_ipc.BusyError:
             pass
+        except posix_ipc.Error:
+            raise  # the trywait itself failed: nothing was taken
         except BaseException:  # a signal handler raised after the trywait took it
             self._semaphore.release()
             raise
@@ -613,15 +626,21 @@ class TableLock:
     def _finish_probe(self, claim: _Claim, probe: _Probe) -> bool | None:
         """Probe step 5: True if adopted, False if the probe failed, None to keep waiting."""
         control = self._control
+        if control[CTL_LOCK_PROBE] != probe.number:
+            return False  # another arbiter started a probe of its own meanwhile
         verdict = self._scan(claim, probe.number)
         if control[CTL_LOCK_EPOCH] != probe.epoch or verdict == "holder":
-            return False
+            return False  # read last: any post after the scan began has moved the epoch
         if verdict == "pending" or control[CTL_LOCK_HOLDER] != 0:
+            probe.clear_checks = 0
+            return None
+        probe.clear_checks += 1
+        if probe.clear_checks < 2:
             return None
         self._adopt(claim)
         return True
 
-    def recover_dead_holder(self, patience: float = 0.25) -> bool:
+    def recover_dead_holder(self, patience: float = 0.1) -> bool:
         """If the lock's holder is dead, take it over, recover its write and release; True if so.
 
         For gunicorn's ``child_exit`` hook, which knows a worker just died: a recorded dead holder
@@ -748,19 +767,30 @@ class _Wait:
             self.deadline = now + self.lock.timeout  # progress: the timeout starts over
             self.probe = None
         self._claim_priority()
-        if holder:
-            if self.lock._token_alive(self.claim.fd, holder):
-                if control[CTL_REPAIR] == REPAIR_RUNNING:
-                    self.deadline = max(self.deadline, now + self.lock.timeout)
-                self._give_up_arbiter()
-            elif self._take_arbiter() and self.lock._adopt_recorded(self.claim, holder, epoch):
-                return True
-        elif self._take_arbiter():
-            outcome = self._advance_probe()
-            if outcome is not None:
-                return outcome
+        try:
+            outcome = self._look_at_holder(holder, epoch, now)
+        finally:
+            # Held only while looking: a stopped prober must not keep others from adopting.
+            self._give_up_arbiter()
+        if outcome is not None:
+            return outcome
         if now >= self.deadline:
             raise self._timeout()
+        return None
+
+    def _look_at_holder(self, holder: int, epoch: int, now: float) -> bool | None:
+        lock = self.lock
+        if holder:
+            if lock._token_alive(self.claim.fd, holder):
+                if self.control[CTL_REPAIR] == REPAIR_RUNNING:
+                    self.deadline = max(self.deadline, now + lock.timeout)
+                self.probe = None
+                return None
+            if self._take_arbiter() and lock._adopt_recorded(self.claim, holder, epoch):
+                return True
+            return None
+        if self._take_arbiter():
+            return self._advance_probe()
         return None
 
     def _advance_probe(self) -> bool | None:
@@ -810,7 +840,6 @@ class _Wait:
         if self.arbiter:
             _ofd_unlock(self.claim.fd, ARBITER_LOCK_BYTE)
             self.arbiter = False
-            self.probe = None
 
     def abandon(self) -> None:
         control = self.control
