@@ -16,7 +16,6 @@ None of them creates or modifies a segment: checking must be free of side effect
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 from collections.abc import Sequence
@@ -29,35 +28,26 @@ from django.core.checks import Warning as CheckWarning
 from django.core.exceptions import ImproperlyConfigured
 from django.utils.module_loading import import_string
 
-from django_shmsession import conf
+from django_shmsession import conf, platform
+from django_shmsession.platform import SHM_DIR, segment_path
 
-SHM_DIR = "/dev/shm"
+__all__ = ["SHM_DIR", "segment_path"]  # tests and tools use them from here
+PREFIX = "django_shmsession"
 _SAMPLE = {"_auth_user_id": "1", "list": [1, 2.5, None, True], "text": "é\u2603"}
 
 
 @register()
 def check_posix_ipc(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     """E001/E002: the table needs posix_ipc and timed semaphore waits."""
-    try:
-        posix_ipc = importlib.import_module("posix_ipc")
-    except ImportError as err:
-        return [
-            Error(
-                f"posix_ipc cannot be imported ({err}).",
-                hint="Install it: `pip install posix-ipc` (it needs a C compiler on Linux).",
-                id="django_shmsession.E001",
-            )
-        ]
-    if not getattr(posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False):
-        return [
-            Error(
-                "This platform does not support timed semaphore waits, so a worker killed while "
-                "holding the session lock could block every other worker forever.",
-                hint="Run on Linux (macOS lacks sem_timedwait), or use another SESSION_ENGINE.",
-                id="django_shmsession.E002",
-            )
-        ]
-    return []
+    reason = platform.unsupported_reason()
+    if reason is None:
+        return []
+    check_id, message = reason
+    hint = {
+        "E001": "Install it: `pip install posix-ipc` (it needs a C compiler on Linux).",
+        "E002": "Run on Linux (macOS lacks sem_timedwait), or use another SESSION_ENGINE.",
+    }[check_id]
+    return [Error(f"{message[0].upper()}{message[1:]}.", hint=hint, id=f"{PREFIX}.{check_id}")]
 
 
 @register()
@@ -82,11 +72,6 @@ def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> li
             )
         ]
     return _check_segment(config)
-
-
-def segment_path(name: str) -> str:
-    """Where Linux shows the POSIX segment ``name``."""
-    return os.path.join(SHM_DIR, name.lstrip("/"))
 
 
 def _check_segment(config: conf.ShmSessionConfig) -> list[CheckMessage]:

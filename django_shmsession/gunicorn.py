@@ -6,9 +6,14 @@
 
 ``on_starting`` opens (creating if needed) the table in the master before any worker exists, so
 workers never race to create it and a bad SIZE or a full /dev/shm stops the server at start
-instead of failing requests. ``child_exit`` runs in the master after a worker died: if it died
-holding the table lock (SIGKILL by ``--timeout``, the OOM killer), the lock is recovered at once
-instead of after every other worker waited ``LOCK_TIMEOUT``.
+instead of failing requests; it then closes it again. ``child_exit`` runs in the master after a
+worker died: if it died holding the table lock (SIGKILL by ``--timeout``, the OOM killer), the
+lock is recovered at once instead of after the waiting workers notice.
+
+The master keeps no mapping between hooks: a mapping it held would pin the old segment's pages
+in /dev/shm after every unlink (a /dev/shm with room for one table could then never get a new
+one), and workers inherit nothing they must then re-check. Workers open their own table lazily
+after the fork.
 
 Nothing here unlinks the segment: a restart or a USR2 binary upgrade keeps every session. If you
 already have these hooks, call ours from yours.
@@ -18,34 +23,56 @@ from __future__ import annotations
 
 from typing import Any
 
-from django_shmsession.exceptions import ShmSessionError
+from django_shmsession.exceptions import SegmentNotFound
 
 
 def on_starting(server: Any) -> None:
-    """Master, before the first fork: open or create the table and report it."""
-    from django_shmsession import store
+    """Master, before the first fork: open or create the table, report it, close it."""
+    from django_shmsession import conf, store
 
-    table = store.get_table()
-    server.log.info("django-shmsession: table %s ready (%d bytes)", table.name, table.size)
+    table = store.open_table(conf.get_config(), create=True)
+    try:
+        server.log.info("django-shmsession: table %s ready (%d bytes)", table.name, table.size)
+    finally:
+        table.close()
 
 
 def child_exit(server: Any, worker: Any) -> None:
     """Master, after a worker exited: take over the table lock if the worker died holding it.
 
-    Never raises: an exception in a gunicorn hook would take the master down with it, and the
-    lock timeout remains as a fallback.
+    Never raises: gunicorn runs hooks in its main loop, and an exception escaping from here
+    ends the master ("Unhandled exception in main loop") with every worker. The waiting workers
+    remain as the fallback that recovers the lock.
     """
-    from django_shmsession import store
-
     try:
-        recovered = store.get_table().recover_dead_holder()
-    except ShmSessionError as err:
+        recovered = _recover_lock()
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as err:  # anything else, even a BaseException from a C extension
         server.log.error(
-            "django-shmsession: lock recovery after worker %s failed: %s", worker.pid, err
+            "django-shmsession: lock recovery after worker %s failed: %s: %s",
+            worker.pid,
+            type(err).__name__,
+            err,
         )
         return
     if recovered:
         server.log.warning(
-            "django-shmsession: worker %s died holding the session lock; recovered and repaired",
+            "django-shmsession: worker %s died holding the session lock; took it over, "
+            "recovered its interrupted write and released it",
             worker.pid,
         )
+
+
+def _recover_lock() -> bool:
+    """Open the existing table (never create one: nothing to recover then), recover, close."""
+    from django_shmsession import conf, store
+
+    try:
+        table = store.open_table(conf.get_config(), create=False)
+    except SegmentNotFound:
+        return False  # no table (yet, or being replaced): no lock a dead worker could hold
+    try:
+        return table.recover_dead_holder()
+    finally:
+        table.close()

@@ -27,6 +27,7 @@ from __future__ import annotations
 import errno
 import mmap
 import os
+import re
 import secrets
 import stat
 import time
@@ -254,6 +255,7 @@ def unlink(name: str) -> bool:
     new one) between the two removals.
     """
     validate_name(name)
+    _remove_temporaries(name)
     try:
         fd = posix_ipc.SharedMemory(name, 0).fd
     except posix_ipc.ExistentialError:
@@ -510,15 +512,12 @@ def _pair_of(fd: int, size: int, semaphore_id: FileId) -> PairIdentity:
 def _initialize(name: str, fd: int, size: int, chunk_size: int) -> Segment:
     """Reserve the pages, install a fresh semaphore, write the header (magic last)."""
     geometry = Geometry.plan(size, chunk_size)
-    # The semaphore first, under a temporary name: its page must not be the one a full-size
-    # segment lacks, and the table's name keeps its old semaphore until the segment is sized.
-    semaphore, temporary, semaphore_id = _fresh_semaphore(name)
+    _reserve(name, fd, size)
     try:
-        _reserve(name, fd, size)
-        os.rename(semaphore_file(temporary), semaphore_path(name))
+        semaphore, semaphore_id = _install_fresh_semaphore(name)
     except BaseException:
-        semaphore.close()
-        _unlink_quietly(temporary)
+        os.ftruncate(fd, 0)
+        _unlink_segment_if_named(name, fd)  # this call created it for a table that cannot exist
         raise
     try:
         memory = mmap.mmap(fd, size)
@@ -531,14 +530,39 @@ def _initialize(name: str, fd: int, size: int, chunk_size: int) -> Segment:
     return Segment(name, fd, memory, geometry, secret, semaphore, True, pair)
 
 
-def _fresh_semaphore(name: str) -> tuple[Any, str, FileId]:
-    """A new semaphore (value 1) under a temporary name, and its identity.
+def _install_fresh_semaphore(name: str) -> tuple[Any, FileId]:
+    """A new semaphore (value 1) under the table's semaphore name, and its identity.
 
-    The temporary name is ours alone, so its stat is certainly the semaphore we hold; renaming
-    it over the table's name then replaces any old semaphore in one step.
+    Created under a temporary name that is ours alone, so its stat is certainly the semaphore
+    we hold, then renamed over the table's name: any old semaphore is replaced in one step.
+    A creator killed between the two steps leaves the temporary behind: later creators remove
+    old ones, and ``unlink`` removes them all.
     """
+    _remove_temporaries(name, older_than=TEMPORARY_MAX_AGE)
+    semaphore, temporary = _create_temporary_semaphore(name)
+    try:
+        info = os.stat(semaphore_file(temporary))
+        _require_private(info, semaphore_file(temporary))
+        os.rename(semaphore_file(temporary), semaphore_path(name))
+    except BaseException:
+        semaphore.close()
+        _unlink_quietly(temporary)
+        raise
+    return semaphore, (info.st_dev, info.st_ino)
+
+
+#: Seconds after which a temporary semaphore surely lost its creator (it lives microseconds).
+TEMPORARY_MAX_AGE = 60.0
+_TEMPORARY_SUFFIX = re.compile(r"\.new-[0-9a-f]{12}")
+
+
+def _temporary_prefix(name: str) -> str:
+    return name[:200]
+
+
+def _create_temporary_semaphore(name: str) -> tuple[Any, str]:
     for _ in range(10):
-        temporary = f"{name[:200]}.new-{secrets.token_hex(6)}"
+        temporary = f"{_temporary_prefix(name)}.new-{secrets.token_hex(6)}"
         try:
             semaphore = posix_ipc.Semaphore(temporary, posix_ipc.O_CREX, mode=MODE, initial_value=1)
         except posix_ipc.ExistentialError:  # pragma: no cover - 48 random bits collided
@@ -549,14 +573,31 @@ def _fresh_semaphore(name: str) -> tuple[Any, str, FileId]:
             if err.errno not in (errno.ENOSPC, errno.ENOMEM):
                 raise
             raise SegmentTooLarge(
-                f"{SHM_DIR} is full: not even the table's semaphore fits ({shm_free_bytes()} "
-                f"bytes free). Free space in {SHM_DIR} or give it more room (Docker: --shm-size)"
+                f"{SHM_DIR} is full: the table fits but its semaphore does not "
+                f"({shm_free_bytes()} bytes free). Lower SHMSESSION['SIZE'] a little, or give "
+                f"{SHM_DIR} more room (Docker: --shm-size)"
             ) from err
-        info = os.stat(semaphore_file(temporary))
-        return semaphore, temporary, (info.st_dev, info.st_ino)
+        return semaphore, temporary
     raise ShmSessionError(  # pragma: no cover - see above
         f"could not create a semaphore for {name!r}"
     )
+
+
+def _remove_temporaries(name: str, older_than: float = 0.0) -> None:
+    """Remove temporary semaphores of ``name`` left by creators that died before renaming."""
+    prefix = "sem." + _temporary_prefix(name)[1:]
+    try:
+        entries = os.listdir(SHM_DIR)
+    except OSError:  # pragma: no cover - no /dev/shm: creation fails anyway
+        return
+    now = time.time()
+    for entry in entries:
+        if not entry.startswith(prefix) or not _TEMPORARY_SUFFIX.fullmatch(entry[len(prefix) :]):
+            continue
+        path = f"{SHM_DIR}/{entry}"
+        with suppress(FileNotFoundError):
+            if now - os.stat(path).st_ctime >= older_than:
+                os.unlink(path)
 
 
 def _unlink_quietly(semaphore: str) -> None:

@@ -2,22 +2,30 @@
 
 Opening maps the segment and opens the semaphore (tens of microseconds); doing that per request
 would cost more than the session work itself, so every ``SessionStore`` in a process shares one
-handle. The table handle is fork-safe, so a handle opened in the gunicorn master (see
-:mod:`django_shmsession.gunicorn`) is inherited by every worker.
+handle, opened lazily in the process that uses it (the gunicorn master keeps none: see
+:mod:`django_shmsession.gunicorn`).
 
-Once a second (one ``time.monotonic()`` comparison per request otherwise) the process checks
-that NAME still refers to the segment it mapped. If the segment was removed (``manage.py
-shmsession unlink``, systemd-logind's ``RemoveIPC``) or replaced, the process maps the current
-one instead of carrying on alone with an orphan that no new process can see: a silent split of
-the site into two session tables is the worst failure this package could have.
+Once a second (one ``time.monotonic()`` comparison per request otherwise) the process checks, by
+``stat`` alone, that NAME still names the *pair* it mapped: the same segment file with the size
+its header gives, and the same semaphore. If either was removed (``manage.py shmsession
+unlink``, systemd-logind's ``RemoveIPC``, an operator cleaning /dev/shm), replaced, or the segment
+was truncated (touching the lost pages would SIGBUS), the process switches to the current pair,
+which the first process to look creates; every process, including those started afterwards,
+ends on that one pair. A silent split of the site into two tables, or two locks on one table, is
+the worst failure this package could have.
+
+The replaced handle is dropped, not closed under a thread that may be mid-call on it: it closes
+itself (unmapped, fd and semaphore closed) when the last thread lets go of it, so /dev/shm holds
+one segment however often the table is replaced.
 """
 
 from __future__ import annotations
 
+import gc
 import logging
-import os
 import threading
 import time
+import weakref
 from typing import Any
 
 from django.conf import settings
@@ -25,19 +33,21 @@ from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from django_shmsession import conf
-from django_shmsession.segment import segment_path
+from django_shmsession.segment import PairIdentity, current_pair
 from django_shmsession.table import SessionTable
 
 logger = logging.getLogger("django_shmsession")
 
-#: Seconds between checks that the mapped segment is still the one named NAME.
+#: Seconds between checks that the mapped pair is still the one named NAME.
 RECHECK_INTERVAL = 1.0
 
 _table: SessionTable | None = None
-_identity: tuple[int, int] | None = None  # (st_dev, st_ino) of the segment _table maps
+_pair: PairIdentity | None = None  # the pair _table maps, as recorded when it was opened
 _next_check = 0.0
 _serializer: type[Any] | None = None
 _open_lock = threading.Lock()
+#: Replaced handles some thread may still use; each closes itself when the last one lets go.
+_retired: list[weakref.ref[SessionTable]] = []
 
 # Settings whose change must drop the cached handle and config (tests override them).
 WATCHED_SETTINGS = frozenset({conf.SETTING, "BASE_DIR", "SESSION_SERIALIZER"})
@@ -46,9 +56,12 @@ WATCHED_SETTINGS = frozenset({conf.SETTING, "BASE_DIR", "SESSION_SERIALIZER"})
 def get_table() -> SessionTable:
     """The process's table, opened (and created if absent) on first call."""
     table = _table
-    if table is None or time.monotonic() >= _next_check:
-        table = _refresh()
-    return table
+    if table is not None and time.monotonic() < _next_check:
+        return table
+    # No reference of ours may outlive the switch: a replaced handle must be free to close
+    # before the new segment is created (a /dev/shm with room for one table needs its pages).
+    del table
+    return _refresh()
 
 
 def get_serializer() -> type[Any]:
@@ -61,32 +74,63 @@ def get_serializer() -> type[Any]:
     return serializer
 
 
+def retired_handles() -> int:
+    """How many replaced handles are still alive (used by a thread); 0 once all closed."""
+    return sum(1 for ref in _retired if ref() is not None)
+
+
 def _refresh() -> SessionTable:
-    """Open the table, or keep the open one if NAME still names it; under a lock so two threads
-    of one process never map the segment twice."""
-    global _table, _identity, _next_check
+    """Keep the open table if NAME still names its pair, else switch to the current pair; under
+    a lock so two threads of one process never map the segment twice."""
+    global _table, _pair, _next_check
     with _open_lock:
         config = conf.get_config()
-        if _table is None or _identity != _stat_identity(config.name):
-            if _table is not None:
+        if _table is not None:
+            now = current_pair(config.name)
+            if now != _pair:
                 logger.warning(
-                    "django-shmsession: the segment %s was removed or replaced; switching to the "
-                    "current one (sessions in the old segment are gone)",
+                    "django-shmsession: %s %s; switching to the current table (sessions in the "
+                    "old one are gone)",
                     config.name,
+                    _what_changed(_pair, now),
                 )
-            # A replaced handle is dropped, not closed: another thread may be mid-call on it.
-            _table = open_table(config, create=True)
-            _identity = _table.identity
+                _retire(_table)
+                _table = _pair = None
+        _release_retired()
+        if _table is None:
+            # Raises (SegmentTooLarge, ...) with _table None: the next call tries again.
+            table = open_table(config, create=True)
+            _table, _pair = table, table.pair
         _next_check = time.monotonic() + RECHECK_INTERVAL
         return _table
 
 
-def _stat_identity(name: str) -> tuple[int, int] | None:
-    try:
-        info = os.stat(segment_path(name))
-    except FileNotFoundError:
-        return None
-    return info.st_dev, info.st_ino
+def _what_changed(old: PairIdentity | None, new: PairIdentity | None) -> str:
+    if old is None:  # pragma: no cover - a cached table always has its pair
+        return "was opened"
+    if new is None:
+        return "was removed (its segment or its semaphore is gone)"
+    if new.segment != old.segment:
+        return "was replaced by another segment"
+    if new.size != old.size:
+        return f"was truncated or resized ({old.size} -> {new.size} bytes)"
+    return "has another semaphore than the one its segment was created with"
+
+
+def _retire(table: SessionTable) -> None:
+    """Drop the store's reference: the handle closes when the last thread using it lets go."""
+    _retired.append(weakref.ref(table))
+
+
+def _release_retired() -> None:
+    """Forget closed handles; collect cycles if one lingers, so its pages are not pinned until
+    the next full garbage collection (a handle in use by a thread stays, and is looked at
+    again at the next check)."""
+    global _retired
+    _retired = [ref for ref in _retired if ref() is not None]
+    if _retired:
+        gc.collect()
+        _retired = [ref for ref in _retired if ref() is not None]
 
 
 def open_table(config: conf.ShmSessionConfig, *, create: bool) -> SessionTable:
@@ -109,9 +153,9 @@ def reset() -> None:
 
     Closing only unmaps this process's view: the segment and its sessions stay.
     """
-    global _table, _identity, _serializer
+    global _table, _pair, _serializer
     with _open_lock:
-        table, _table, _identity = _table, None, None
+        table, _table, _pair = _table, None, None
         _serializer = None
         conf.reset()
     if table is not None:

@@ -61,15 +61,67 @@ def test_child_exit_without_dead_holder_does_nothing() -> None:
     assert server.log.lines == []
 
 
-def test_child_exit_never_raises(monkeypatch: pytest.MonkeyPatch) -> None:
-    def broken() -> Any:
-        raise LockTimeout("held by a live process")
+class NotAnException(BaseException):
+    """What a C extension or a stray ``raise`` could throw that ``except Exception`` misses."""
 
-    monkeypatch.setattr(store, "get_table", broken)
+
+@pytest.mark.parametrize(
+    "error",
+    [
+        LockTimeout("held by a live process"),
+        OSError(24, "Too many open files"),
+        MemoryError(),
+        NotAnException("odd"),
+        RuntimeError("bug"),
+    ],
+    ids=lambda err: type(err).__name__,
+)
+def test_child_exit_never_raises(monkeypatch: pytest.MonkeyPatch, error: BaseException) -> None:
+    """An exception escaping child_exit would end gunicorn's master and every worker with it."""
+
+    def broken(*args: Any, **kwargs: Any) -> Any:
+        raise error
+
+    store.get_table()  # the table exists
+    monkeypatch.setattr(store, "open_table", broken)
     server = fake_server()
     gunicorn.child_exit(server, SimpleNamespace(pid=4242))
     assert server.log.lines[0][0] == "error"
     assert "worker 4242" in server.log.lines[0][1]
+    assert type(error).__name__ in server.log.lines[0][1]
+
+
+def test_child_exit_lets_a_shutdown_through(monkeypatch: pytest.MonkeyPatch) -> None:
+    def interrupted(*args: Any, **kwargs: Any) -> Any:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(store, "open_table", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        gunicorn.child_exit(fake_server(), SimpleNamespace(pid=1))
+
+
+def test_child_exit_never_creates_a_table(shm_name: str) -> None:
+    server = fake_server()
+    gunicorn.child_exit(server, SimpleNamespace(pid=12345))
+    assert server.log.lines == []
+    assert not os.path.exists(checks.segment_path(shm_name))
+
+
+def mapped_shm_files() -> list[str]:
+    with open("/proc/self/maps") as maps:
+        return [line.split()[-1] for line in maps if "/dev/shm/" in line]
+
+
+def test_the_master_keeps_no_mapping(shm_name: str) -> None:
+    """on_starting and child_exit close what they open: a mapping kept by the master would pin
+    a replaced segment's pages in /dev/shm forever."""
+    store.reset()
+    before = mapped_shm_files()
+    gunicorn.on_starting(fake_server())
+    gunicorn.child_exit(fake_server(), SimpleNamespace(pid=12345))
+    assert mapped_shm_files() == before
+    assert store.retired_handles() == 0
+    assert store._table is None  # workers open their own after the fork
 
 
 @pytest.mark.multiprocess
