@@ -19,6 +19,7 @@ lock words (``CTL_LOCK_*``) and the registry. In short:
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import logging
 import os
@@ -66,13 +67,7 @@ from .layout import (
     token_incarnation,
     token_slot,
 )
-
-try:
-    import posix_ipc
-except ImportError as err:  # pragma: no cover - posix_ipc is a hard dependency
-    raise UnsupportedPlatform(
-        "django-shmsession needs the posix-ipc package: pip install posix-ipc"
-    ) from err
+from .platform import lock_byte, posix_ipc, reopen, unlock_byte
 
 __all__ = ["FAULT_POINTS", "POLL_INTERVAL", "Recovery", "TableLock", "posix_ipc"]
 
@@ -129,26 +124,19 @@ class Recovery(Protocol):
         """Leave the table consistent after an operation found damage (under the lock)."""
 
 
-def _ofd(fd: int, command: int, lock_type: int, byte: int) -> bytes:
-    return fcntl.fcntl(fd, command, _FLOCK.pack(lock_type, os.SEEK_SET, byte, 1, 0))
-
-
 def _try_ofd_lock(fd: int, byte: int) -> bool:
     """Take a write OFD lock on one byte without blocking; False if another description has it."""
-    try:
-        _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_WRLCK, byte)
-    except (BlockingIOError, PermissionError):
-        return False
-    return True
+    return lock_byte(fd, byte, wait=False)
 
 
 def _ofd_unlock(fd: int, byte: int) -> None:
-    _ofd(fd, fcntl.F_OFD_SETLK, fcntl.F_UNLCK, byte)
+    unlock_byte(fd, byte)
 
 
 def _ofd_locked_by_other(fd: int, byte: int) -> bool:
     """True when a description other than ``fd``'s holds a lock on ``byte`` (its owner lives)."""
-    reply = _ofd(fd, fcntl.F_OFD_GETLK, fcntl.F_WRLCK, byte)
+    request = _FLOCK.pack(fcntl.F_WRLCK, os.SEEK_SET, byte, 1, 0)
+    reply = fcntl.fcntl(fd, fcntl.F_OFD_GETLK, request)
     return int(_FLOCK.unpack(reply)[0]) != fcntl.F_UNLCK
 
 
@@ -186,7 +174,7 @@ def _signals_with_python_handlers() -> frozenset[int]:
 class _Claim:
     """One thread's registry slot: its own file description (holding the slot's OFD lock)."""
 
-    __slots__ = ("__weakref__", "fd", "slot", "token", "state", "ack", "since", "pid", "stale")
+    __slots__ = ("__weakref__", "ack", "fd", "pid", "since", "slot", "stale", "state", "token")
 
     def __init__(self, fd: int, slot: int, incarnation: int) -> None:
         self.fd = fd
@@ -203,10 +191,8 @@ class _Claim:
         """Close the description: the kernel frees the slot (unless a fork child shares it)."""
         if not self.stale:
             self.stale = True
-            try:
+            with contextlib.suppress(OSError):
                 os.close(self.fd)
-            except OSError:  # pragma: no cover - already closed
-                pass
 
     def __del__(self) -> None:  # a thread that used the table ended
         if not self.stale and self.pid == os.getpid():
@@ -409,7 +395,7 @@ class TableLock:
         with self._claim_lock:
             if self._closed:
                 raise ShmSessionError("this SessionTable is closed; open a new one")
-            fd = os.open(f"/proc/self/fd/{self._segment.fd}", os.O_RDWR | os.O_CLOEXEC)
+            fd = reopen(self._segment.fd)
             try:
                 slot = self._lock_free_slot(fd)
             except BaseException:
@@ -750,7 +736,7 @@ class _Wait:
         priority = self.control[CTL_LOCK_PRIORITY]
         if not priority or priority == self.claim.token or self.probe is not None:
             return False
-        age = time.monotonic_ns() - self.control[CTL_LOCK_PRIORITY_SINCE]
+        age: int = time.monotonic_ns() - self.control[CTL_LOCK_PRIORITY_SINCE]
         return 0 <= age < PRIORITY_TTL_NS
 
     def after_failed_wait(self) -> bool | None:
@@ -827,8 +813,8 @@ class _Wait:
         if not 0 <= slot < SLOT_COUNT:
             return True
         registry = self.lock._registry
-        theirs = registry[slot * SLOT_WORDS + SW_SINCE]
-        mine = registry[self.claim.since]
+        theirs: int = registry[slot * SLOT_WORDS + SW_SINCE]
+        mine: int = registry[self.claim.since]
         return theirs == 0 or mine < theirs
 
     def _take_arbiter(self) -> bool:

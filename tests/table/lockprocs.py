@@ -12,6 +12,7 @@ fault point (``lock.FAULT_POINTS``), which is how the tests hit every instructio
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import mmap
 import multiprocessing
@@ -79,10 +80,8 @@ def unlink_bare(name: str) -> None:
         (posix_ipc.unlink_shared_memory, name),
         (posix_ipc.unlink_semaphore, name + ".lock"),
     ):
-        try:
+        with contextlib.suppress(posix_ipc.ExistentialError):
             remove(target)
-        except posix_ipc.ExistentialError:
-            pass
 
 
 def new_board() -> Any:

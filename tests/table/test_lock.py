@@ -80,7 +80,7 @@ def stall_after_death(board: Any) -> float:
     """Seconds between a worker's death and the next completed section."""
     died = board[DIED_AT_NS]
     assert died, "the victim never reached its fault point"
-    return board[MAX_GAP_NS] / 1e9
+    return float(board[MAX_GAP_NS]) / 1e9
 
 
 #: Points every contended run passes (the others need a death first: see the random-kill test).
