@@ -21,9 +21,12 @@ from .layout import (
     CONTROL_OFFSET,
     CONTROL_WORDS,
     CTL_CHUNK_HWM,
+    CTL_CHUNKS_USED,
+    CTL_ENTRIES,
     CTL_ENTRY_HWM,
     CTL_FREE_CHUNK,
     CTL_FREE_ENTRY,
+    CTL_VALUE_BYTES,
     DESCRIPTOR,
     ENTRY,
     ENTRY_ACTIVE_OFFSET,
@@ -38,6 +41,18 @@ from .layout import (
     U32,
 )
 from .segment import Segment
+
+
+class CorruptEntry(CorruptTable):
+    """One entry failed a check that leaves every other structure intact (its checksum).
+
+    The recovery drops just that entry (a normal, logged delete) instead of rebuilding.
+    """
+
+    def __init__(self, message: str, index: int) -> None:
+        super().__init__(message)
+        self.index = index
+
 
 #: Keys whose hash a process remembers (cleared when full: bounded memory, no eviction cost).
 HASH_MEMO_SIZE = 4096
@@ -70,10 +85,37 @@ class TableMemory:
     def _u32_array(self, offset: int, count: int) -> memoryview:
         return self._whole[offset : offset + count * U32].cast("I")
 
+    def word_view(self, offset: int) -> memoryview:
+        """One aligned u64 at ``offset`` as a ``"Q"`` view (a single store; caller releases)."""
+        return self._whole[offset : offset + 8].cast("Q")
+
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""
         for view in (self.control, self.buckets, self.links, self.owners, self._whole):
             view.release()
+
+    # -- counters -------------------------------------------------------------------------------
+
+    def counts(self) -> tuple[int, int, int]:
+        """(entries, chunks_used, value_bytes), each checked against what the table can hold.
+
+        A write computes new counts from these; an impossible value read from the segment
+        raises CorruptTable here instead of a ValueError when the new count is stored.
+        """
+        control = self.control
+        geometry = self.geometry
+        entries: int = control[CTL_ENTRIES]
+        used: int = control[CTL_CHUNKS_USED]
+        value_bytes: int = control[CTL_VALUE_BYTES]
+        if (
+            entries > geometry.entry_capacity
+            or used > geometry.chunk_capacity
+            or value_bytes > geometry.data_capacity
+        ):
+            raise CorruptTable(
+                f"impossible counts: {entries} entries, {used} chunks, {value_bytes} value bytes"
+            )
+        return entries, used, value_bytes
 
     # -- hashing and checksums ------------------------------------------------------------------
 

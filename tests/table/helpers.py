@@ -14,6 +14,7 @@ import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import FrameType
+from typing import Any, cast
 from uuid import uuid4
 
 import posix_ipc
@@ -126,3 +127,105 @@ def raw_mapping(name: str) -> Iterator[mmap.mmap]:
             yield mapping
     finally:
         os.close(fd)
+
+
+# -- the recovery oracle -----------------------------------------------------------------------
+
+#: key -> (value, expires_at) of every committed entry, expired or not.
+Contents = dict[str, tuple[bytes, float]]
+
+
+class _CopiedSegment:
+    """Just enough of a ``Segment`` for ``TableMemory`` and ``integrity.rebuild`` over a copy."""
+
+    def __init__(self, memory: mmap.mmap) -> None:
+        from django_shmsession import layout
+
+        fields = layout.GEOMETRY.unpack_from(memory, layout.GEOMETRY_OFFSET)
+        self.memory = memory
+        self.geometry = layout.Geometry(*fields[2:7])
+        self.secret = fields[7]
+        self.name = "copy"
+
+    def header_intact(self) -> bool:
+        return True
+
+    def rewrite_header(self) -> None:
+        pass
+
+
+def _contents(memory: Any) -> Contents:
+    """The committed entries of a mapped table, read the way a full rebuild judges them."""
+    from django_shmsession import layout
+
+    found: Contents = {}
+    for index in range(memory.entry_hwm()):
+        state, active, key_len, _next, _hash = memory.head(index)
+        if state != layout.ENTRY_USED:
+            continue
+        expires_at, length, first, _crc = memory.descriptor(index, active)
+        key = bytes(memory.key(index, key_len)).decode()
+        assert key not in found, f"key {key!r} is committed twice"
+        found[key] = (bytes(memory.read_value(index, first, length)), expires_at)
+    return found
+
+
+def rebuilt_copy_contents(name: str) -> Contents:
+    """THE ORACLE: the entries a full ``integrity.rebuild`` keeps, run on a private copy of the
+    segment ``name`` exactly as it is now (call it after a crash, before anything recovers).
+
+    The copy lives in an anonymous mapping: the real segment is not touched.
+    """
+    from django_shmsession import integrity
+    from django_shmsession.memory import TableMemory
+
+    with raw_mapping(name) as mapping:
+        copy = mmap.mmap(-1, len(mapping))
+        copy[:] = mapping[:]
+    memory = TableMemory(cast(Any, _CopiedSegment(copy)))
+    try:
+        integrity.rebuild(memory)
+        return _contents(memory)
+    finally:
+        memory.release()
+        copy.close()
+
+
+def segment_contents(name: str) -> Contents:
+    """The committed entries of the segment ``name`` as it is now (a raw mapping, no lock)."""
+    from django_shmsession.memory import TableMemory
+
+    with raw_mapping(name) as mapping:
+        memory = TableMemory(cast(Any, _CopiedSegment(mapping)))
+        try:
+            return _contents(memory)
+        finally:
+            memory.release()
+
+
+def assert_recovery_matches_rebuild(table: Any, oracle: Contents | None = None) -> Contents:
+    """Recover ``table`` (any locked call recovers) and check it against the oracle.
+
+    Pass ``oracle=rebuilt_copy_contents(name)`` taken right after the crash, or let this take
+    it now (the intent must still be armed: nothing may have touched the table since). Asserts
+    that O(1) recovery and the full rebuild keep the same (key, value, expiry) set and that
+    ``check()`` finds nothing; returns the recovered contents.
+    """
+    if oracle is None:
+        oracle = rebuilt_copy_contents(table.name)
+    table.stats()  # takes the lock: recovers the armed intent, changes no entry
+    recovered = segment_contents(table.name)
+    assert recovered == oracle, _difference(recovered, oracle)
+    report = table.check()
+    assert report.ok, report.problems
+    return recovered
+
+
+def _difference(recovered: Contents, oracle: Contents) -> str:
+    only_recovered = sorted(set(recovered) - set(oracle))
+    only_rebuilt = sorted(set(oracle) - set(recovered))
+    changed = sorted(k for k in set(recovered) & set(oracle) if recovered[k] != oracle[k])
+    return (
+        f"O(1) recovery and the rebuilt copy disagree: only recovered {only_recovered}, "
+        f"only rebuilt {only_rebuilt}, different {changed}"
+    )

@@ -26,7 +26,16 @@ from .helpers import FakeClock, raw_mapping, value_for, watchdog
 
 SIZE = 256 * 1024
 WORD = struct.Struct("<Q")
-REGIONS = ("geometry", "control", "buckets", "entries", "chunk_tables", "chunks", "anywhere")
+REGIONS = (
+    "geometry",
+    "control",
+    "intent",
+    "buckets",
+    "entries",
+    "chunk_tables",
+    "chunks",
+    "anywhere",
+)
 FAR = 4e9
 
 
@@ -34,7 +43,7 @@ def region_bounds(name: str, region: str) -> tuple[int, int]:
     """[start, end) of a region's *used* bytes, read from the segment's own header."""
     with raw_mapping(name) as mapping:
         fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
-        _version, _header, size, buckets, entries, chunk_size, chunks, _secret = fields
+        _version, _header, size, buckets, entries, chunk_size, chunks = fields[:7]
 
         def control(word: int) -> int:
             return int(WORD.unpack_from(mapping, layout.CONTROL_OFFSET + 8 * word)[0])
@@ -44,6 +53,7 @@ def region_bounds(name: str, region: str) -> tuple[int, int]:
     return {
         "geometry": (0, layout.CONTROL_OFFSET),
         "control": (layout.CONTROL_OFFSET, layout.CONTROL_OFFSET + 8 * layout.CONTROL_WORDS),
+        "intent": (layout.INTENT_OFFSET, layout.INTENT_BODY_OFFSET + layout.INTENT_BODY.size),
         "buckets": (geometry.buckets_offset, geometry.entries_offset),
         "entries": (geometry.entries_offset, geometry.entry_offset(entry_hwm)),
         "chunk_tables": (geometry.chunk_links_offset, geometry.chunk_owners_offset + 4 * chunk_hwm),
@@ -190,3 +200,51 @@ def test_a_huge_high_water_mark_is_caught_not_followed(
         table.check(repair=True)
     assert probe.violations == []
     assert table.check().ok
+
+
+def test_a_checksum_mismatch_drops_that_entry_only_without_a_rebuild(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table(SIZE)
+    for i in range(20):
+        table.set(f"k{i}", value_for(f"k{i}", 700), FAR)
+    with raw_mapping(table.name) as mapping:
+        fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
+        geometry = layout.Geometry(fields[2], fields[3], fields[4], fields[5], fields[6])
+        mapping[geometry.chunk_offset(0) + 5] ^= 0xFF  # the first value's bytes (entry 0's)
+    before = table.stats()
+    assert table.get("k0") is None
+    after = table.stats()
+    assert after.entries_dropped == before.entries_dropped + 1
+    assert after.corruption_detected == before.corruption_detected + 1
+    assert after.repairs == before.repairs, "a single bad checksum must not rebuild the table"
+    assert {f"k{i}": table.get(f"k{i}") for i in range(1, 20)} == {
+        f"k{i}": value_for(f"k{i}", 700) for i in range(1, 20)
+    }
+    report = table.check()
+    assert report.ok, report.problems
+    assert report.entries == 19
+
+
+@pytest.mark.parametrize(
+    "word", [layout.CTL_ENTRIES, layout.CTL_CHUNKS_USED, layout.CTL_VALUE_BYTES]
+)
+@pytest.mark.parametrize("value", [2**63, 2**64 - 1, 10**9])
+def test_impossible_counts_raise_corrupt_table_or_are_repaired(
+    make_table: TableFactory, clock: FakeClock, word: int, value: int
+) -> None:
+    """Never a bare ValueError/OverflowError from storing a count computed from a bad one."""
+    table = make_table(SIZE)
+    for i in range(10):
+        table.set(f"k{i}", b"v" * 600, FAR)
+    with raw_mapping(table.name) as mapping:
+        WORD.pack_into(mapping, layout.CONTROL_OFFSET + 8 * word, value)
+    probe = Probe(table)
+    probe.run("set", lambda: table.set("new", b"n" * 900, FAR))
+    probe.run("delete", lambda: table.delete("k1"))
+    probe.run("update", lambda: table.set("k2", b"u" * 100, FAR))
+    probe.run("stats", table.stats)
+    assert probe.violations == []
+    table.check(repair=True)
+    report = table.check()
+    assert report.ok, report.problems

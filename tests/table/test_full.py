@@ -8,12 +8,14 @@ from collections.abc import Callable
 import pytest
 
 from django_shmsession.exceptions import TableFull
+from django_shmsession.layout import FIXED_SIZE
 from django_shmsession.table import SessionTable
 
 from .conftest import TableFactory
 from .helpers import FakeClock, value_for
 
-SMALL = 64 * 1024
+#: 64 KiB of buckets, entries and chunks after the fixed header, registry and intent areas.
+SMALL = FIXED_SIZE + 64 * 1024
 
 
 def fill_until_full(
@@ -63,11 +65,36 @@ def test_raise_policy_raises_table_full_and_keeps_everything(
 def test_raise_policy_table_is_limited_by_entry_slots_or_chunks(
     make_table: TableFactory, clock: FakeClock
 ) -> None:
-    """One-byte values fill the table exactly to whichever capacity is smaller."""
+    """One-byte values fill the table exactly to whichever capacity is smaller (the chunks
+    minus the reserve kept for updates: one value of max_value_size)."""
     table = make_table(SMALL, full_policy="raise", max_value_size=4096)
     stats = table.stats()
     data = fill_until_full(table, clock, 1)
-    assert len(data) == min(stats.entry_capacity, stats.chunk_capacity)
+    assert len(data) == min(stats.entry_capacity, stats.chunk_capacity - 4096 // stats.chunk_size)
+
+
+@pytest.mark.parametrize("policy", ["raise", "evict"])
+@pytest.mark.parametrize("new_size", [3000, 2561, 1, 0])
+def test_an_update_that_does_not_grow_never_evicts_or_raises(
+    make_table: TableFactory, clock: FakeClock, policy: str, new_size: int
+) -> None:
+    """A full table (entries or chunks): rewriting a session with a value of no more chunks
+    than before touches nobody else, whatever the policy (the update reserve)."""
+    table = make_table(SMALL, full_policy="raise", max_value_size=4096)
+    data = fill_until_full(table, clock, 3000)
+    table.close()
+    table = make_table(None, full_policy=policy, max_value_size=4096)
+    before = table.stats()
+    for version, key in enumerate(list(data), start=1):
+        data[key] = value_for(key, new_size, version)
+        table.set(key, data[key], clock.now + 5000)
+        assert table.replace(key, data[key], clock.now + 5000)
+    after = table.stats()
+    assert (after.evictions, after.table_full_errors) == (
+        before.evictions,
+        before.table_full_errors,
+    )
+    assert_intact(table, data)
 
 
 @pytest.mark.parametrize("operation", ["set", "replace"])

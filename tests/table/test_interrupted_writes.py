@@ -7,13 +7,14 @@ of the SIGKILL tests in test_crash.py.
 
 from __future__ import annotations
 
+import mmap
 import os
 import random
 import signal
 import struct
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import FrameType
 
 import pytest
@@ -25,8 +26,11 @@ from django_shmsession.table import FAULT_POINTS, SessionTable, set_fault_hook
 
 from .conftest import TableFactory
 from .helpers import (
+    Contents,
     FakeClock,
+    assert_recovery_matches_rebuild,
     raw_mapping,
+    rebuilt_copy_contents,
     semaphore_acquirable_exactly_once,
     value_for,
     watchdog,
@@ -40,23 +44,11 @@ class Interrupt(BaseException):
     """Stands for KeyboardInterrupt/SystemExit: a BaseException, not an Exception."""
 
 
-@pytest.fixture
-def raise_at() -> Iterator[list[str]]:
-    """``raise_at.append(point)`` arms the hook: the first time a write reaches it, it raises."""
-    armed: list[str] = []
-
-    def hook(point: str) -> None:
-        if armed and point == armed[0]:
-            armed.clear()
-            raise Interrupt(point)
-
-    set_fault_hook(hook)
-    yield armed
-    set_fault_hook(None)
-
-
-# An insert, an update and a delete: together they pass every fault point.
-OPERATIONS = (("set", "new"), ("set", "old"), ("delete", "gone"))
+# The workload passes every fault point of every write: "tmp" is deleted first so that the
+# insert takes its entry and some chunks from the free stacks (and the rest above the high-water
+# marks), "gone" is deleted before the update so the update also takes stack chunks.
+OPERATIONS = (("set", "new"), ("delete", "gone"), ("set", "old"), ("clear", ""))
+KEYS = ("new", "old", "gone")
 
 
 def new_value(key: str) -> bytes:
@@ -73,50 +65,166 @@ INITIAL: dict[str, bytes | None] = {
 def contents_after(operations: tuple[tuple[str, str], ...]) -> dict[str, bytes | None]:
     state = dict(INITIAL)
     for operation, key in operations:
-        state[key] = new_value(key) if operation == "set" else None
+        if operation == "clear":
+            state = dict.fromkeys(state)
+        else:
+            state[key] = new_value(key) if operation == "set" else None
     return state
 
 
-@pytest.mark.parametrize("point", FAULT_POINTS)
-def test_an_exception_mid_write_leaves_the_table_consistent_and_unlocked(
-    make_table: TableFactory, clock: FakeClock, raise_at: list[str], point: str
-) -> None:
-    table = make_table(lock_timeout=1)
-    expires = clock.now + 60
+def prepare(table: SessionTable, expires: float) -> None:
+    table.set("tmp", value_for("tmp", 1200), expires)
     for key, value in INITIAL.items():
         if value is not None:
             table.set(key, value, expires)
-    raise_at.append(point)
-    interrupted = None
+    table.delete("tmp")
+
+
+def run_workload(table: SessionTable, expires: float) -> int | None:
+    """Run OPERATIONS until one raises Interrupt; the index of that one (None: none did)."""
     for index, (operation, key) in enumerate(OPERATIONS):
         try:
             if operation == "set":
                 table.set(key, new_value(key), expires)
-            else:
+            elif operation == "delete":
                 table.delete(key)
+            else:
+                table.clear()
         except Interrupt:
-            interrupted = index
-            break
-    assert interrupted is not None, f"no operation reached {point!r}"
-    assert semaphore_acquirable_exactly_once(table.name), "the lock was left taken"
-    with watchdog(20):
-        contents = {key: table.get(key) for key in INITIAL}
-        report = table.check()
-    assert report.ok, report.problems
+            return index
+    return None
+
+
+WRITE_POINTS = [p for p in FAULT_POINTS if not p.startswith(("recover", "repair"))]
+RECOVERY_POINTS = [p for p in FAULT_POINTS if p.startswith(("recover", "repair"))]
+
+
+def route_to(point: str) -> tuple[str, bool]:
+    """(write point to interrupt first, whether to damage the intent) so that the recovery
+    that follows passes ``point``."""
+    step = point.split(":")[0]
+    if step in ("recover", "repair"):
+        return "update:after-commit", True
+    write = step.removeprefix("recover-")
+    if "undo" in point:
+        return f"{write}:after-chunks-used", False
+    return f"{write}:after-commit", False
+
+
+def damage_intent(name: str) -> None:
+    with raw_mapping(name) as mapping:
+        mapping[layout.INTENT_BODY_OFFSET + 20] ^= 0xFF
+
+
+@pytest.fixture
+def hooked() -> Iterator[list[Callable[[str], None]]]:
+    """``hooked.append(fn)`` installs ``fn`` as the fault hook for the rest of the test."""
+    installed: list[Callable[[str], None]] = []
+    set_fault_hook(lambda point: installed[-1](point) if installed else None)
+    yield installed
+    set_fault_hook(None)
+
+
+def assert_acknowledged(table: SessionTable, interrupted: int) -> None:
+    contents = {key: table.get(key) for key in KEYS}
     assert contents in (
         contents_after(OPERATIONS[:interrupted]),
         contents_after(OPERATIONS[: interrupted + 1]),
     )
+
+
+@pytest.mark.parametrize("point", WRITE_POINTS)
+def test_an_exception_at_any_store_is_recovered_as_a_rebuild_would(
+    make_table: TableFactory,
+    clock: FakeClock,
+    hooked: list[Callable[[str], None]],
+    point: str,
+) -> None:
+    """The write raises at ``point``; the lock recovers in the same process at once. The
+    result equals a full rebuild of the segment copied at the moment of the exception."""
+    table = make_table(lock_timeout=1)
+    expires = clock.now + 60
+    prepare(table, expires)
+    oracle: list[Contents] = []
+
+    def hook(reached: str) -> None:
+        if reached == point and not oracle:
+            oracle.append(rebuilt_copy_contents(table.name))
+            raise Interrupt(reached)
+
+    hooked.append(hook)
+    interrupted = run_workload(table, expires)
+    assert interrupted is not None, f"no operation reached {point!r}"
+    assert semaphore_acquirable_exactly_once(table.name), "the lock was left taken"
+    with watchdog(20):
+        assert_recovery_matches_rebuild(table, oracle[0])
+        assert_acknowledged(table, interrupted)
+    stats = table.stats()
+    if point.endswith(("before-arm", "after-disarm")):
+        assert stats.rollbacks == 0
+    else:
+        assert stats.rollbacks == 1
+        assert stats.repairs == 0, "an interrupted write must not need a full rebuild"
     table.set("after", b"works", expires)
     assert table.get("after") == b"works"
 
 
+@pytest.mark.parametrize("point", RECOVERY_POINTS)
+def test_a_recovery_interrupted_at_any_store_is_finished_by_the_next_one(
+    make_table: TableFactory,
+    clock: FakeClock,
+    hooked: list[Callable[[str], None]],
+    point: str,
+) -> None:
+    """A write is interrupted, then the recovery of it is interrupted at ``point``: the intent
+    stays armed and the next operation's recovery applies it again, to the same result."""
+    table = make_table(lock_timeout=1)
+    expires = clock.now + 60
+    prepare(table, expires)
+    first, damaged = route_to(point)
+    oracle: list[Contents] = []
+    stage = [0]
+
+    def hook(reached: str) -> None:
+        if stage[0] == 0 and reached == first:
+            stage[0] = 1
+            if damaged:
+                damage_intent(table.name)
+            raise Interrupt(reached)
+        if stage[0] == 1 and reached == point:
+            stage[0] = 2
+            oracle.append(rebuilt_copy_contents(table.name))
+            raise Interrupt(reached)
+
+    hooked.append(hook)
+    interrupted = run_workload(table, expires)
+    assert interrupted is not None, f"no write reached {first!r}"
+    assert stage[0] == 2, f"no recovery reached {point!r}"
+    assert semaphore_acquirable_exactly_once(table.name), "the lock was left taken"
+    with watchdog(20):
+        assert_recovery_matches_rebuild(table, oracle[0])
+        assert_acknowledged(table, interrupted)
+
+
+def test_every_fault_point_is_named_once() -> None:
+    assert len(set(FAULT_POINTS)) == len(FAULT_POINTS)
+    for point in FAULT_POINTS:
+        step, _sep, store = point.partition(":")
+        assert step, point
+        assert store.startswith(("before-", "after-")), point
+
+
 def test_a_handle_survives_an_interrupted_write_in_another_handle(
-    make_table: TableFactory, clock: FakeClock, raise_at: list[str]
+    make_table: TableFactory, clock: FakeClock, hooked: list[Callable[[str], None]]
 ) -> None:
     first, second = make_table(lock_timeout=1), make_table(None, lock_timeout=1)
     first.set("k", b"v1", clock.now + 60)
-    raise_at.append("update:chunks_written")
+
+    def hook(reached: str) -> None:
+        if reached == "update:after-value":
+            raise Interrupt(reached)
+
+    hooked.append(hook)
     with pytest.raises(Interrupt):
         first.set("k", b"v2" * 1000, clock.now + 60)
     with watchdog(20):
@@ -127,7 +235,17 @@ def test_a_handle_survives_an_interrupted_write_in_another_handle(
 # -- exceptions raised by signal handlers at random moments ------------------------------------
 
 PACKAGE_DIR = os.path.dirname(django_shmsession.__file__)
-OWNER_PID = struct.Struct("<Q")
+WORD = struct.Struct("<Q")
+
+
+def holder_pid(mapping: mmap.mmap) -> int:
+    """The pid recorded in the registry slot of the lock's current holder (0: nobody)."""
+    token = WORD.unpack_from(mapping, layout.CONTROL_OFFSET + 8 * layout.CTL_LOCK_HOLDER)[0]
+    if token == 0:
+        return 0
+    slot = layout.token_slot(token)
+    offset = layout.REGISTRY_OFFSET + slot * layout.SLOT_SIZE + 8 * layout.SW_PID
+    return int(WORD.unpack_from(mapping, offset)[0])
 
 
 def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
@@ -149,14 +267,13 @@ def interrupted_worker(conn: Conn, name: str, seconds: float) -> None:
     deadline = time.monotonic() + seconds
     count = 0
     with raw_mapping(name) as mapping:
-        owner_offset = layout.CONTROL_OFFSET + 8 * layout.CTL_OWNER_PID
         while leaked_at is None and time.monotonic() < deadline:
             try:
                 table.set(f"k{count % 50}", value_for("v", 700, count), FAR)
                 table.get(f"k{(count * 7) % 50}")
                 count += 1
             except Interrupt:
-                if OWNER_PID.unpack_from(mapping, owner_offset)[0] == os.getpid():
+                if holder_pid(mapping) == os.getpid():
                     leaked_at = landed[-1]  # no operation of ours runs: we left it taken
             except LockTimeout:
                 leaked_at = f"LockTimeout after {landed[-1:]}"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from django_shmsession import integrity
 from django_shmsession.exceptions import ShmSessionError, ValueTooLarge
 from django_shmsession.table import CheckReport, SessionTable, TableStats, set_fault_hook
 
@@ -11,6 +12,8 @@ from .conftest import TableFactory
 from .helpers import FakeClock, leftover_files, value_for
 
 HOUR = 3600.0
+#: The lock's fault point passed once per acquisition.
+ACQUIRED = "lock.record:epoch:after"
 
 
 def later(clock: FakeClock, seconds: float = HOUR) -> float:
@@ -475,19 +478,56 @@ def test_a_closed_handle_refuses_work_with_a_clear_error(
 
 
 def test_clear_expired_releases_the_lock_between_batches(
-    table: SessionTable, clock: FakeClock
+    make_table: TableFactory, table: SessionTable, clock: FakeClock
 ) -> None:
-    """Counted with the fault hook: one lock acquisition per batch, not one for the sweep."""
+    """Counted with the lock's fault hook: one acquisition per batch, not one for the sweep."""
     for i in range(100):
         table.set(f"k{i}", b"v", later(clock, 10))
     clock.advance(20)
     acquisitions: list[str] = []
-    set_fault_hook(lambda point: acquisitions.append(point) if point == "lock:acquired" else None)
+    set_fault_hook(lambda point: acquisitions.append(point) if point == ACQUIRED else None)
     try:
-        assert table.clear_expired(batch_size=10) == 100
+        hooked = make_table(None)  # the lock wraps its stores when a hook is set at open
+        assert hooked.clear_expired(batch_size=10) == 100
     finally:
         set_fault_hook(None)
     assert len(acquisitions) >= 10
+
+
+def test_check_releases_the_lock_between_batches(
+    make_table: TableFactory, table: SessionTable, clock: FakeClock
+) -> None:
+    for i in range(300):
+        table.set(f"k{i}", b"v" * (i % 700), later(clock, 10))
+    acquisitions: list[str] = []
+    set_fault_hook(lambda point: acquisitions.append(point) if point == ACQUIRED else None)
+    try:
+        hooked = make_table(None)
+        report = hooked.check(batch_size=16)
+    finally:
+        set_fault_hook(None)
+    assert report.ok, report.problems
+    assert report.counts_checked
+    assert report.entries == 300
+    assert len(acquisitions) >= 300 // 16
+
+
+def test_a_check_racing_writes_reports_no_false_problems(
+    table: SessionTable, clock: FakeClock
+) -> None:
+    """Writes between the batches of a check: no problem reported, counts flagged unchecked."""
+    for i in range(200):
+        table.set(f"k{i}", b"v" * 600, later(clock, 10))
+    checker = table._locked(integrity.BatchCheck, table._memory, 8)
+    rounds = 0
+    while not table._locked(checker.step, table._memory):
+        rounds += 1
+        table.set(f"k{rounds % 250}", b"w" * (rounds % 1500), later(clock, 10))
+        table.delete(f"k{(rounds * 7) % 250}")
+        if rounds % 40 == 0:
+            table.clear()
+    assert checker.problems == []
+    assert not checker.counts_checked
 
 
 @pytest.mark.parametrize(

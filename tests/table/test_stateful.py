@@ -20,11 +20,12 @@ from hypothesis.stateful import (
 )
 
 from django_shmsession.exceptions import TableFull, ValueTooLarge
+from django_shmsession.layout import FIXED_SIZE
 from django_shmsession.table import SessionTable
 
 from .helpers import FakeClock, unique_name, value_for
 
-SIZE = 64 * 1024
+SIZE = FIXED_SIZE + 64 * 1024
 MAX_VALUE = 8192
 
 KEYS = st.sampled_from([f"k{i}" for i in range(20)] + ["é" * 32, "x" * 64])

@@ -1,0 +1,195 @@
+"""Entry and chunk allocation: planning (read-only, checked) and the stores that apply it.
+
+A write first *plans* what it takes (which entry, which chunks, what the free stacks look like
+afterwards) without storing anything, so every CorruptTable is raised before its intent is
+armed. The stores then follow the plan recorded in the intent (:class:`~.intent.Intent`), and
+the undo puts back exactly what they overwrote. Chunk chains are walked, never listed in the
+record: a walk is bounded by the value's chunk count, not by the table size.
+
+Allocation order keeps the undo small: chunks taken from the free-chunk stack keep their stack
+links (which already chain them in order), so the only overwritten link is the last taken one;
+fresh chunks come from above the chunk high-water mark, where nothing needs undoing.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import NamedTuple
+
+from .exceptions import CorruptTable
+from .intent import Intent
+from .layout import (
+    CTL_CHUNK_HWM,
+    CTL_CHUNKS_USED,
+    CTL_ENTRY_HWM,
+    CTL_FREE_CHUNK,
+    CTL_FREE_ENTRY,
+    ENTRY_FREE,
+    NIL,
+)
+from .memory import TableMemory
+
+Hook = Callable[[str], None] | None
+
+__all__ = ["ChunkPlan", "apply_chunks", "free_chain", "plan_chunks", "plan_entry", "undo_chunks"]
+
+
+class ChunkPlan(NamedTuple):
+    first: int  # first chunk of the new chain (NIL for none)
+    stack_taken: int  # chunks popped from the free stack (the rest come from the hwm)
+    last_stack: int  # the last popped chunk (NIL when none): its link is overwritten
+    last_link: int  # that link's current value
+    new_head: int  # the free-stack head after the allocation
+
+
+def plan_entry(memory: TableMemory) -> tuple[int, int, int]:
+    """(index, from_hwm, stack successor) of the entry an insert will take; stores nothing."""
+    head = memory.free_entry_head()
+    if head != NIL:
+        state, _active, _key_len, next_index, _hash = memory.head(head)
+        if state != ENTRY_FREE:
+            raise CorruptTable(f"free-entry stack holds entry {head}, which is in use")
+        if next_index != NIL and next_index >= memory.entry_hwm():
+            raise CorruptTable(f"free-entry stack links to entry {next_index}, out of range")
+        return head, 0, next_index
+    hwm = memory.entry_hwm()
+    if hwm >= memory.geometry.entry_capacity:
+        raise CorruptTable("no free entry although the free count said there was one")
+    return hwm, 1, NIL
+
+
+def plan_chunks(memory: TableMemory, count: int) -> ChunkPlan:
+    """Which chunks ``count`` new chunks will be; checked, stores nothing."""
+    head = memory.free_chunk_head()
+    if count == 0:
+        return ChunkPlan(NIL, 0, NIL, NIL, head)
+    hwm = memory.chunk_hwm()
+    links, owners = memory.links, memory.owners
+    seen: set[int] | None = None if count == 1 else set()
+    taken, last, chunk = 0, NIL, head
+    while taken < count and chunk != NIL:
+        if chunk >= hwm or owners[chunk] != 0 or (seen is not None and chunk in seen):
+            raise CorruptTable(f"free-chunk stack holds chunk {chunk}, which is in use")
+        if seen is not None:
+            seen.add(chunk)
+        last, chunk = chunk, links[chunk]
+        taken += 1
+    if chunk != NIL and chunk >= hwm:
+        raise CorruptTable(f"free-chunk stack links to chunk {chunk}, out of range")
+    if hwm + count - taken > memory.geometry.chunk_capacity:
+        raise CorruptTable("no free chunk although the free count said there was one")
+    if taken == 0:
+        return ChunkPlan(hwm, 0, NIL, NIL, head)
+    return ChunkPlan(head, taken, last, chunk, chunk)
+
+
+def take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    """Pop the planned entry off the free stack, or raise the entry high-water mark over it."""
+    if intent.from_hwm:
+        memory.control[CTL_ENTRY_HWM] = intent.entry + 1
+    else:
+        memory.control[CTL_FREE_ENTRY] = intent.succ
+    if hook is not None:
+        hook(f"{step}:after-take-entry")
+
+
+def undo_take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    """Give the entry back: its stack link (overwritten by the key's chain link) and the head."""
+    if intent.from_hwm:
+        memory.control[CTL_ENTRY_HWM] = intent.entry_hwm
+    else:
+        memory.set_next(intent.entry, intent.succ)
+        if hook is not None:
+            hook(f"{step}:after-undo-entry-link")
+        memory.control[CTL_FREE_ENTRY] = intent.free_entry
+    if hook is not None:
+        hook(f"{step}:after-undo-take-entry")
+
+
+def apply_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    """Take the planned chunks for ``intent.entry``: owners, the one link, then the words."""
+    count = intent.chunks
+    if count == 0:
+        return
+    control, links, owners = memory.control, memory.links, memory.owners
+    tag = intent.entry + 1
+    chunk = intent.free_chunk
+    for _ in range(intent.stack_taken):
+        owners[chunk] = tag
+        if hook is not None:
+            hook(f"{step}:after-chunk-owner")
+        chunk = links[chunk]
+    hwm = intent.chunk_hwm
+    end = hwm + count - intent.stack_taken
+    if intent.stack_taken:
+        links[intent.last_stack] = hwm if end > hwm else NIL
+        if hook is not None:
+            hook(f"{step}:after-chunk-link")
+    for chunk in range(hwm, end):
+        owners[chunk] = tag
+        if hook is not None:
+            hook(f"{step}:after-fresh-owner")
+        links[chunk] = chunk + 1 if chunk + 1 < end else NIL
+        if hook is not None:
+            hook(f"{step}:after-fresh-link")
+    control[CTL_FREE_CHUNK] = intent.free_chunk_mid
+    if hook is not None:
+        hook(f"{step}:after-free-chunk")
+    control[CTL_CHUNK_HWM] = end
+    if hook is not None:
+        hook(f"{step}:after-chunk-hwm")
+    control[CTL_CHUNKS_USED] = intent.chunks_used + count
+    if hook is not None:
+        hook(f"{step}:after-chunks-used")
+
+
+def undo_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    """Put the free-chunk stack back as it was before :func:`apply_chunks` (idempotent)."""
+    if intent.chunks == 0:
+        return
+    control, links, owners = memory.control, memory.links, memory.owners
+    if intent.stack_taken:
+        links[intent.last_stack] = intent.last_link
+        if hook is not None:
+            hook(f"{step}:after-undo-chunk-link")
+        capacity = memory.geometry.chunk_capacity
+        chunk = intent.free_chunk
+        for _ in range(intent.stack_taken):
+            if chunk >= capacity:
+                raise CorruptTable(f"the intent's chunk chain leaves the table at {chunk}")
+            owners[chunk] = 0
+            chunk = links[chunk]
+        if hook is not None:
+            hook(f"{step}:after-undo-chunk-owners")
+    control[CTL_FREE_CHUNK] = intent.free_chunk
+    control[CTL_CHUNK_HWM] = intent.chunk_hwm
+    control[CTL_CHUNKS_USED] = intent.chunks_used
+    if hook is not None:
+        hook(f"{step}:after-undo-chunk-words")
+
+
+def free_chain(
+    memory: TableMemory, first: int, count: int, free_head: int, hook: Hook, step: str
+) -> None:
+    """Push the chain of ``count`` chunks at ``first`` onto the free stack whose head is
+    ``free_head`` (idempotent: the links inside the chain are kept, only the last is set)."""
+    if count == 0:
+        return
+    owners, links = memory.owners, memory.links
+    capacity = memory.geometry.chunk_capacity
+    chunk = last = first
+    for position in range(count):
+        if chunk >= capacity:
+            raise CorruptTable(f"a chain being freed leaves the table at chunk {chunk}")
+        owners[chunk] = 0
+        if hook is not None:
+            hook(f"{step}:after-free-owner")
+        last = chunk
+        if position + 1 < count:
+            chunk = links[chunk]
+    links[last] = free_head
+    if hook is not None:
+        hook(f"{step}:after-free-link")
+    memory.control[CTL_FREE_CHUNK] = first
+    if hook is not None:
+        hook(f"{step}:after-free-head")

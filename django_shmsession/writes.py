@@ -1,0 +1,504 @@
+"""The four writes (insert, update, delete, clear), each one armed intent, and their recovery.
+
+Every write has the same shape: plan (reads and checks only, so CorruptTable comes before
+anything is stored), arm the intent, the pre-commit stores, **the commit** (one byte: an
+entry's ``state`` for inserts and deletes, its ``active`` descriptor for updates; arming itself
+for clear), the post-commit stores, disarm. The post-commit stores are functions of the intent
+alone (``_finish_*``), so recovery after the commit calls the very same functions; before the
+commit it calls ``_undo_*``, which puts back the old values recorded in the intent. Whether the
+commit happened is read from the commit byte itself, which is also what a full rebuild trusts:
+so recovery and rebuild always agree on which entries are live.
+
+Fault points (``faults.hook``) sit before the first and after every store, named
+``"<write>:<before|after>-<store>"``; recovery's are ``"recover-<write>:..."`` (see
+:data:`FAULT_POINTS`).
+"""
+
+from __future__ import annotations
+
+from .alloc import (
+    Hook,
+    apply_chunks,
+    free_chain,
+    plan_chunks,
+    plan_entry,
+    take_entry,
+    undo_chunks,
+    undo_take_entry,
+)
+from .exceptions import CorruptTable
+from .index import predecessor
+from .intent import Intent, IntentLog
+from .layout import (
+    CTL_CHUNK_HWM,
+    CTL_CHUNKS_USED,
+    CTL_DELETES,
+    CTL_ENTRIES,
+    CTL_ENTRY_HWM,
+    CTL_FREE_CHUNK,
+    CTL_FREE_ENTRY,
+    CTL_GENERATION,
+    CTL_VALUE_BYTES,
+    ENTRY_FREE,
+    ENTRY_USED,
+    INTENT_OP_CLEAR,
+    INTENT_OP_DELETE,
+    INTENT_OP_INSERT,
+    INTENT_OP_UPDATE,
+    NIL,
+    U32,
+)
+from .memory import TableMemory
+
+__all__ = ["FAULT_POINTS", "clear", "delete", "insert", "recover", "update"]
+
+_U64 = 0xFFFFFFFFFFFFFFFF
+
+_ALLOC = (
+    "after-chunk-owner",
+    "after-chunk-link",
+    "after-fresh-owner",
+    "after-fresh-link",
+    "after-free-chunk",
+    "after-chunk-hwm",
+    "after-chunks-used",
+)
+_FREE = ("after-free-owner", "after-free-link", "after-free-head")
+_UNDO_ALLOC = ("after-undo-chunk-link", "after-undo-chunk-owners", "after-undo-chunk-words")
+_INSERT_FINISH = ("after-bucket", "after-entries", "after-value-bytes")
+_UPDATE_FINISH = (*_FREE, "after-chunks-used-final", "after-value-bytes")
+_DELETE_FINISH = ("after-unlink", *_FREE, "after-entry-link", "after-free-entry", "after-counts")
+_CLEAR_FINISH = ("after-buckets", "after-words", "after-counters")
+
+
+def _points(step: str, names: tuple[str, ...]) -> tuple[str, ...]:
+    return tuple(f"{step}:{name}" for name in names)
+
+
+#: Every fault point of the writes and of their recovery, in the order a write passes them.
+FAULT_POINTS: tuple[str, ...] = (
+    *_points(
+        "insert",
+        (
+            "before-arm",
+            "after-arm",
+            *_ALLOC,
+            "after-take-entry",
+            "after-value",
+            "after-head",
+            "after-descriptor",
+            "after-commit",
+            *_INSERT_FINISH,
+            "after-disarm",
+        ),
+    ),
+    *_points(
+        "update",
+        (
+            "before-arm",
+            "after-arm",
+            *_ALLOC,
+            "after-value",
+            "after-descriptor",
+            "after-commit",
+            *_UPDATE_FINISH,
+            "after-disarm",
+        ),
+    ),
+    *_points(
+        "delete", ("before-arm", "after-arm", "after-commit", *_DELETE_FINISH, "after-disarm")
+    ),
+    *_points("clear", ("before-arm", "after-arm", "after-commit", *_CLEAR_FINISH, "after-disarm")),
+    *_points(
+        "recover-insert",
+        (*_INSERT_FINISH, *_UNDO_ALLOC, "after-undo-entry-link", "after-undo-take-entry"),
+    ),
+    *_points("recover-update", (*_UPDATE_FINISH, *_UNDO_ALLOC)),
+    *_points("recover-delete", _DELETE_FINISH),
+    *_points("recover-clear", _CLEAR_FINISH),
+)
+
+
+def _blank(log: IntentLog, op: int, memory: TableMemory) -> dict[str, int]:
+    """The fields every intent records: sequence, op and the words any write may change."""
+    control = memory.control
+    entries, used, value_bytes = memory.counts()
+    return {
+        "seq": log.next_seq(),
+        "op": op,
+        "free_entry": control[CTL_FREE_ENTRY],
+        "entry_hwm": memory.entry_hwm(),
+        "free_chunk": memory.free_chunk_head(),
+        "chunk_hwm": memory.chunk_hwm(),
+        "entries": entries,
+        "chunks_used": used,
+        "value_bytes": value_bytes,
+    }
+
+
+def _check_counts(memory: TableMemory, intent: Intent, entries_after: int) -> None:
+    """Refuse (before arming) a write whose new counts could not be stored or make no sense."""
+    geometry = memory.geometry
+    if not (
+        0 <= entries_after <= geometry.entry_capacity
+        and 0 <= intent.chunks_used_after <= geometry.chunk_capacity
+        and 0 <= intent.value_bytes_after <= geometry.data_capacity
+    ):
+        raise CorruptTable("the entry, chunk or value-byte count is impossible")
+
+
+# -- insert -------------------------------------------------------------------------------------
+
+
+def insert(
+    memory: TableMemory,
+    log: IntentLog,
+    hook: Hook,
+    key: bytes,
+    key_hash: int,
+    value: bytes,
+    expires_at: float,
+    crc: int,
+) -> int:
+    """Add a new entry for ``key`` (the caller made room); returns its index."""
+    index, from_hwm, succ = plan_entry(memory)
+    count = memory.geometry.chunks_for(len(value))
+    plan = plan_chunks(memory, count)
+    fields = _blank(log, INTENT_OP_INSERT, memory)
+    intent = Intent(
+        old_active=0,
+        from_hwm=from_hwm,
+        entry=index,
+        bucket=key_hash & memory.mask,
+        pred=NIL,
+        succ=succ,
+        chunks=count,
+        stack_taken=plan.stack_taken,
+        last_stack=plan.last_stack,
+        last_link=plan.last_link,
+        free_chunk_mid=plan.new_head,
+        first=plan.first,
+        freed_first=NIL,
+        freed_count=0,
+        length=len(value),
+        old_length=0,
+        deletes=0,
+        generation=0,
+        **fields,
+    )
+    _check_counts(memory, intent, intent.entries + 1)
+    if from_hwm:
+        # A slot above the mark may hold a committed entry from before clear(); it is unused,
+        # so this store needs no undo, and after it ``state == used`` means "committed".
+        memory.set_state(index, ENTRY_FREE)
+    if hook is not None:
+        hook("insert:before-arm")
+    log.arm(intent)
+    if hook is not None:
+        hook("insert:after-arm")
+    apply_chunks(memory, intent, hook, "insert")
+    take_entry(memory, intent, hook, "insert")
+    memory.write_value(plan.first, value)
+    if hook is not None:
+        hook("insert:after-value")
+    memory.write_head(index, key, key_hash, memory.buckets[intent.bucket])
+    if hook is not None:
+        hook("insert:after-head")
+    memory.write_descriptor(index, 0, expires_at, len(value), plan.first, crc)
+    if hook is not None:
+        hook("insert:after-descriptor")
+    memory.set_state(index, ENTRY_USED)  # commit
+    if hook is not None:
+        hook("insert:after-commit")
+    _finish_insert(memory, intent, hook, "insert")
+    log.disarm()
+    if hook is not None:
+        hook("insert:after-disarm")
+    return index
+
+
+def _finish_insert(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    memory.buckets[intent.bucket] = intent.entry
+    if hook is not None:
+        hook(f"{step}:after-bucket")
+    memory.control[CTL_ENTRIES] = intent.entries + 1
+    if hook is not None:
+        hook(f"{step}:after-entries")
+    memory.control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    if hook is not None:
+        hook(f"{step}:after-value-bytes")
+
+
+def _undo_insert(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    undo_chunks(memory, intent, hook, step)
+    undo_take_entry(memory, intent, hook, step)
+
+
+# -- update -------------------------------------------------------------------------------------
+
+
+def update(
+    memory: TableMemory,
+    log: IntentLog,
+    hook: Hook,
+    index: int,
+    value: bytes,
+    expires_at: float,
+    crc: int,
+) -> None:
+    """Give entry ``index`` a new value and expiry (the caller made room)."""
+    active = memory.active(index)
+    _expiry, old_length, old_first, _crc = memory.descriptor(index, active)
+    freed = sum(1 for _chunk in memory.chain(index, old_first, old_length))  # checked
+    count = memory.geometry.chunks_for(len(value))
+    plan = plan_chunks(memory, count)
+    fields = _blank(log, INTENT_OP_UPDATE, memory)
+    intent = Intent(
+        old_active=active,
+        from_hwm=0,
+        entry=index,
+        bucket=0,
+        pred=NIL,
+        succ=NIL,
+        chunks=count,
+        stack_taken=plan.stack_taken,
+        last_stack=plan.last_stack,
+        last_link=plan.last_link,
+        free_chunk_mid=plan.new_head,
+        first=plan.first,
+        freed_first=old_first if freed else NIL,
+        freed_count=freed,
+        length=len(value),
+        old_length=old_length,
+        deletes=0,
+        generation=0,
+        **fields,
+    )
+    _check_counts(memory, intent, intent.entries)
+    if hook is not None:
+        hook("update:before-arm")
+    log.arm(intent)
+    if hook is not None:
+        hook("update:after-arm")
+    apply_chunks(memory, intent, hook, "update")
+    memory.write_value(plan.first, value)
+    if hook is not None:
+        hook("update:after-value")
+    memory.write_descriptor(index, 1 - active, expires_at, len(value), plan.first, crc)
+    if hook is not None:
+        hook("update:after-descriptor")
+    memory.set_active(index, 1 - active)  # commit
+    if hook is not None:
+        hook("update:after-commit")
+    _finish_update(memory, intent, hook, "update")
+    log.disarm()
+    if hook is not None:
+        hook("update:after-disarm")
+
+
+def _finish_update(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    free_chain(memory, intent.freed_first, intent.freed_count, intent.free_chunk_mid, hook, step)
+    memory.control[CTL_CHUNKS_USED] = intent.chunks_used_after
+    if hook is not None:
+        hook(f"{step}:after-chunks-used-final")
+    memory.control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    if hook is not None:
+        hook(f"{step}:after-value-bytes")
+
+
+# -- delete -------------------------------------------------------------------------------------
+
+
+def delete(memory: TableMemory, log: IntentLog, hook: Hook, index: int) -> int:
+    """Remove entry ``index`` (which must be used); returns the length of its value."""
+    state, active, _key_len, succ, key_hash = memory.head(index)
+    if state != ENTRY_USED:
+        raise CorruptTable(f"entry {index} is not in use")
+    if active > 1:
+        raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
+    _expiry, length, first, _crc = memory.descriptor(index, active)
+    freed = sum(1 for _chunk in memory.chain(index, first, length))  # checked
+    bucket = key_hash & memory.mask
+    pred = predecessor(memory, bucket, index)
+    if succ != NIL and succ >= memory.entry_hwm():
+        raise CorruptTable(f"entry {index} links to entry {succ}, out of range")
+    fields = _blank(log, INTENT_OP_DELETE, memory)
+    memory.free_entry_head()  # checked: it becomes this entry's stack link
+    intent = Intent(
+        old_active=active,
+        from_hwm=0,
+        entry=index,
+        bucket=bucket,
+        pred=pred,
+        succ=succ,
+        chunks=0,
+        stack_taken=0,
+        last_stack=NIL,
+        last_link=NIL,
+        free_chunk_mid=fields["free_chunk"],
+        first=NIL,
+        freed_first=first if freed else NIL,
+        freed_count=freed,
+        length=0,
+        old_length=length,
+        deletes=0,
+        generation=0,
+        **fields,
+    )
+    _check_counts(memory, intent, intent.entries - 1)
+    if hook is not None:
+        hook("delete:before-arm")
+    log.arm(intent)
+    if hook is not None:
+        hook("delete:after-arm")
+    memory.set_state(index, ENTRY_FREE)  # commit
+    if hook is not None:
+        hook("delete:after-commit")
+    _finish_delete(memory, intent, hook, "delete")
+    log.disarm()
+    if hook is not None:
+        hook("delete:after-disarm")
+    return length
+
+
+def _finish_delete(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    control = memory.control
+    if intent.pred == NIL:
+        memory.buckets[intent.bucket] = intent.succ
+    else:
+        memory.set_next(intent.pred, intent.succ)
+    if hook is not None:
+        hook(f"{step}:after-unlink")
+    free_chain(memory, intent.freed_first, intent.freed_count, intent.free_chunk_mid, hook, step)
+    memory.set_next(intent.entry, intent.free_entry)
+    if hook is not None:
+        hook(f"{step}:after-entry-link")
+    control[CTL_FREE_ENTRY] = intent.entry
+    if hook is not None:
+        hook(f"{step}:after-free-entry")
+    control[CTL_ENTRIES] = intent.entries - 1
+    control[CTL_CHUNKS_USED] = intent.chunks_used_after
+    control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    if hook is not None:
+        hook(f"{step}:after-counts")
+
+
+# -- clear --------------------------------------------------------------------------------------
+
+
+def clear(memory: TableMemory, log: IntentLog, hook: Hook) -> int:
+    """Empty the table in O(buckets); returns how many entries there were.
+
+    The commit is the store of 0 into the entry high-water mark: from then on no entry is in
+    the range that lookups' checks and the rebuild examine. The old bucket array is too large
+    to record, so a clear is never undone after its commit, only finished (every later store
+    sets a fixed value, so redoing it is harmless); before it, nothing was stored.
+    """
+    control = memory.control
+    entries, used, value_bytes = memory.counts()
+    intent = Intent(
+        seq=log.next_seq(),
+        op=INTENT_OP_CLEAR,
+        old_active=0,
+        from_hwm=0,
+        entry=0,
+        bucket=0,
+        pred=NIL,
+        succ=NIL,
+        free_entry=NIL,
+        entry_hwm=0,
+        chunks=0,
+        stack_taken=0,
+        last_stack=NIL,
+        last_link=NIL,
+        free_chunk=NIL,
+        free_chunk_mid=NIL,
+        chunk_hwm=0,
+        first=NIL,
+        freed_first=NIL,
+        freed_count=0,
+        length=0,
+        old_length=0,
+        entries=entries,
+        chunks_used=used,
+        value_bytes=value_bytes,
+        deletes=control[CTL_DELETES],
+        generation=control[CTL_GENERATION],
+    )
+    if hook is not None:
+        hook("clear:before-arm")
+    log.arm(intent)
+    if hook is not None:
+        hook("clear:after-arm")
+    _commit_clear(memory, hook)
+    _finish_clear(memory, intent, hook, "clear")
+    log.disarm()
+    if hook is not None:
+        hook("clear:after-disarm")
+    return entries
+
+
+def _commit_clear(memory: TableMemory, hook: Hook) -> None:
+    memory.control[CTL_ENTRY_HWM] = 0  # commit
+    if hook is not None:
+        hook("clear:after-commit")
+
+
+def _finish_clear(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+    control = memory.control
+    memory.buckets[:] = memoryview(b"\xff" * (memory.geometry.bucket_count * U32)).cast("I")
+    if hook is not None:
+        hook(f"{step}:after-buckets")
+    for word, value in (
+        (CTL_FREE_ENTRY, NIL),
+        (CTL_FREE_CHUNK, NIL),
+        (CTL_CHUNK_HWM, 0),
+        (CTL_ENTRIES, 0),
+        (CTL_CHUNKS_USED, 0),
+        (CTL_VALUE_BYTES, 0),
+    ):
+        control[word] = value
+    if hook is not None:
+        hook(f"{step}:after-words")
+    control[CTL_DELETES] = (intent.deletes + intent.entries) & _U64
+    control[CTL_GENERATION] = (intent.generation + 1) & _U64
+    if hook is not None:
+        hook(f"{step}:after-counters")
+
+
+# -- recovery -----------------------------------------------------------------------------------
+
+
+def recover(memory: TableMemory, intent: Intent, hook: Hook) -> bool:
+    """Apply an armed, validated intent: finish it past its commit, else undo it.
+
+    Returns True when the write was rolled forward. Raises CorruptTable when the table does
+    not look like the intent says it should (the caller then rebuilds). The caller disarms.
+    """
+    op = intent.op
+    step = ("", "recover-insert", "recover-update", "recover-delete", "recover-clear")[op]
+    if op == INTENT_OP_CLEAR:
+        if memory.control[CTL_ENTRY_HWM] != 0:
+            return False  # killed before its commit: nothing was stored
+        _finish_clear(memory, intent, hook, step)
+        return True
+    state = memory.state(intent.entry)
+    if op == INTENT_OP_INSERT:
+        if state == ENTRY_USED:
+            _finish_insert(memory, intent, hook, step)
+            return True
+        _undo_insert(memory, intent, hook, step)
+        return False
+    if op == INTENT_OP_DELETE:
+        if state == ENTRY_FREE:
+            _finish_delete(memory, intent, hook, step)
+            return True
+        return False  # nothing is stored before a delete's commit
+    active = memory.active(intent.entry)
+    if state != ENTRY_USED:
+        raise CorruptTable(f"the entry {intent.entry} of an interrupted update is not in use")
+    if active != intent.old_active:
+        _finish_update(memory, intent, hook, step)
+        return True
+    undo_chunks(memory, intent, hook, step)
+    return False
