@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import fcntl
+import importlib
 import os
 import struct
 from typing import Any
@@ -47,22 +48,24 @@ SHM_DIR = "/dev/shm"
 NAME_MAX = 240
 SEMAPHORE_SUFFIX = ".lock"
 
-_IMPORT_ERROR: str | None = None
-try:
-    import posix_ipc as _posix_ipc
-except ImportError as _err:  # pragma: no cover - posix_ipc is a hard dependency
-    _posix_ipc = None
-    _IMPORT_ERROR = str(_err)
+
+def _load_posix_ipc() -> tuple[Any, str | None]:
+    """(the posix_ipc module, None), or (None, why it cannot be imported)."""
+    try:
+        return importlib.import_module("posix_ipc"), None
+    except ImportError as err:
+        return None, str(err)
 
 
 def unsupported_reason() -> tuple[str, str] | None:
     """None when the table can run here; else (check id, message) for ``manage.py check``."""
-    if _posix_ipc is None:  # pragma: no cover - posix_ipc is a hard dependency
+    module, error = _load_posix_ipc()
+    if module is None:
         return "E001", (
-            f"posix_ipc cannot be imported ({_IMPORT_ERROR}); install it: `pip install posix-ipc` "
+            f"posix_ipc cannot be imported ({error}); install it: `pip install posix-ipc` "
             "(it needs a C compiler on Linux)"
         )
-    if not getattr(_posix_ipc, "SEMAPHORE_TIMEOUT_SUPPORTED", False):
+    if not getattr(module, "SEMAPHORE_TIMEOUT_SUPPORTED", False):
         return "E002", (
             "this platform has no timed semaphore waits (macOS lacks sem_timedwait), so a "
             "worker killed while holding the session lock could block every other worker "
@@ -72,14 +75,15 @@ def unsupported_reason() -> tuple[str, str] | None:
 
 
 def __getattr__(name: str) -> Any:
-    """``posix_ipc`` on demand, so a platform without it fails with a message, not at import of
-    this module (the system checks import it to report the problem)."""
+    """``posix_ipc`` on demand (``from .platform import posix_ipc``), so a platform without it
+    fails with a message saying what to do, while the system checks can still import this
+    module to report the problem."""
     if name != "posix_ipc":
         raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
     reason = unsupported_reason()
     if reason is not None:
         raise UnsupportedPlatform(f"django-shmsession cannot run here: {reason[1]}")
-    return _posix_ipc
+    return _load_posix_ipc()[0]
 
 
 # -- names and paths -------------------------------------------------------------------------------

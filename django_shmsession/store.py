@@ -100,9 +100,18 @@ def _refresh() -> SessionTable:
         if _table is None:
             # Raises (SegmentTooLarge, ...) with _table None: the next call tries again.
             table = open_table(config, create=True)
-            _table, _pair = table, table.pair
+            _table, _pair = table, pair_of(table)
         _next_check = time.monotonic() + RECHECK_INTERVAL
         return _table
+
+
+def pair_of(table: SessionTable) -> PairIdentity:
+    """The pair a handle maps, as its segment verified it when opening (never by a later stat,
+    which could name a newer pair than the one the handle holds)."""
+    pair = getattr(table, "pair", None)
+    if isinstance(pair, PairIdentity):
+        return pair
+    return table._segment.pair  # a SessionTable without the ``pair`` property
 
 
 def _what_changed(old: PairIdentity | None, new: PairIdentity | None) -> str:

@@ -86,6 +86,7 @@ class Server:
     port: int = field(default_factory=free_port)
     process: subprocess.Popen[bytes] | None = None
     log_path: Path | None = None
+    shm_dir_is_private: bool = False  # in a mount namespace with a /dev/shm of its own
 
     def start(self, log_dir: Path) -> Server:
         self.log_path = log_dir / f"server-{self.port}.log"
@@ -134,15 +135,28 @@ class Server:
             os.killpg(self.process.pid, signal.SIGKILL)
             self.process.wait(timeout=10)
 
+    @property
+    def shm_dir(self) -> str:
+        """The server's /dev/shm, seen from outside its mount namespace (if it has one)."""
+        return f"/proc/{self.pid}/root/dev/shm"
+
+    def in_namespace(self) -> list[str]:
+        """A command prefix that runs a command in the server's mount namespace."""
+        return ["nsenter", f"--target={self.pid}", "--mount"]
+
     def children(self) -> set[int]:
         """Worker pids: the master's live child processes (Linux /proc)."""
         path = Path(f"/proc/{self.pid}/task/{self.pid}/children")
         return {int(p) for p in path.read_text().split()}
 
 
-def gunicorn(shm_name: str, size: str, workers: int = 4) -> Server:
+def gunicorn(shm_name: str, size: str, workers: int = 4, shm_bytes: int | None = None) -> Server:
+    """gunicorn on the test project; with ``shm_bytes``, in a mount namespace of its own whose
+    /dev/shm is a private tmpfs of that size (needs root; reach it via ``Server.shm_dir``)."""
     server = Server(args=[], env=project_env(shm_name, size))
+    server.shm_dir_is_private = shm_bytes is not None
     server.args = [
+        *(_private_dev_shm(shm_bytes) if shm_bytes is not None else []),
         sys.executable,
         "-m",
         "gunicorn",
@@ -158,6 +172,33 @@ def gunicorn(shm_name: str, size: str, workers: int = 4) -> Server:
         *_no_control_socket(),
     ]
     return server
+
+
+def _private_dev_shm(shm_bytes: int) -> list[str]:
+    """A command prefix: run the rest in a new mount namespace with a small private /dev/shm."""
+    mount = f"mount -t tmpfs -o size={shm_bytes},mode=1777 tmpfs /dev/shm"
+    return [
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        f'{mount} && exec "$@"',
+        "sh",
+    ]
+
+
+def shm_mappings(pid: int) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of every /dev/shm file process ``pid`` maps (its segment, semaphore)."""
+    found = set()
+    with open(f"/proc/{pid}/maps") as maps:
+        for line in maps:
+            fields = line.split(maxsplit=5)
+            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
+                major, minor = (int(part, 16) for part in fields[3].split(":"))
+                found.add((os.makedev(major, minor), int(fields[4])))
+    return found
 
 
 def _no_control_socket() -> list[str]:

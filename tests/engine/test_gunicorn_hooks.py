@@ -128,6 +128,7 @@ def test_the_master_keeps_no_mapping(shm_name: str) -> None:
 def test_child_exit_recovers_lock_of_worker_killed_mid_write() -> None:
     """A 'worker' SIGKILLed while holding the lock half-way through a write: the master's
     child_exit hook takes the lock over at once and every acknowledged session survives."""
+    assert "update:after-value" in table_module.FAULT_POINTS
     kept = SessionStore()
     kept["v"] = "before"
     kept.save()
@@ -140,9 +141,7 @@ def test_child_exit_recovers_lock_of_worker_killed_mid_write() -> None:
         try:
             table_module.set_fault_hook(
                 lambda point: (
-                    os.kill(os.getpid(), signal.SIGKILL)
-                    if point == "update:chunks_written"
-                    else None
+                    os.kill(os.getpid(), signal.SIGKILL) if point == "update:after-value" else None
                 )
             )
             victim.save()

@@ -125,11 +125,11 @@ def pinned_bytes() -> int:
 
 def test_the_pair_is_what_the_names_name(shm_name: str) -> None:
     table = store.get_table()
-    assert table.pair == current_pair(shm_name)
+    assert store.pair_of(table) == current_pair(shm_name)
     seg, sem = os.stat(segment_path(shm_name)), os.stat(semaphore_path(shm_name))
-    assert table.pair.segment == (seg.st_dev, seg.st_ino)
-    assert table.pair.semaphore == (sem.st_dev, sem.st_ino)
-    assert shm_mappings() >= {table.pair.segment, table.pair.semaphore}
+    assert store.pair_of(table).segment == (seg.st_dev, seg.st_ino)
+    assert store.pair_of(table).semaphore == (sem.st_dev, sem.st_ino)
+    assert shm_mappings() >= {store.pair_of(table).segment, store.pair_of(table).semaphore}
 
 
 @pytest.mark.parametrize(
@@ -143,7 +143,7 @@ def test_every_removal_order_switches_to_one_new_pair(
     """Whatever was removed (or truncated), the next check moves this process to a new pair that
     a newly started process opens too, and the old handle is closed: nothing of it stays mapped."""
     old = saved_session("old")
-    old_pair = store.get_table().pair
+    old_pair = store.pair_of(store.get_table())
     for step in removal:
         if step == "segment":
             os.unlink(segment_path(shm_name))
@@ -154,12 +154,12 @@ def test_every_removal_order_switches_to_one_new_pair(
     recheck_now(monkeypatch)
     new = saved_session("new")
     table = store.get_table()
-    assert table.pair != old_pair
-    assert table.pair.segment != old_pair.segment
-    assert table.pair.semaphore != old_pair.semaphore
-    assert table.pair == current_pair(shm_name)
+    assert store.pair_of(table) != old_pair
+    assert store.pair_of(table).segment != old_pair.segment
+    assert store.pair_of(table).semaphore != old_pair.semaphore
+    assert store.pair_of(table) == current_pair(shm_name)
     with SessionTable(shm_name) as fresh_view:  # a process started after the event
-        assert fresh_view.pair == table.pair
+        assert store.pair_of(fresh_view) == store.pair_of(table)
         assert fresh_view.get(new.session_key or "") is not None
     assert SessionStore(old.session_key).load() == {}
     assert store.retired_handles() == 0
@@ -174,7 +174,7 @@ def test_a_replaced_handle_in_use_closes_when_its_last_user_lets_go(
 ) -> None:
     """A thread mid-call keeps the old handle working; when it lets go, the handle closes."""
     in_use = store.get_table()
-    old_pair = in_use.pair
+    old_pair = store.pair_of(in_use)
     SessionTable.unlink_name(shm_name)
     recheck_now(monkeypatch)
     assert store.get_table() is not in_use
@@ -224,6 +224,6 @@ def test_many_unlinks_leave_one_segment_pinned(
     gc.collect()
     assert not errors, errors[:3]
     assert store.retired_handles() == 0
-    segments = {p for p in shm_mappings() if p != store.get_table().pair.semaphore}
-    assert segments == {store.get_table().pair.segment}
+    segments = {p for p in shm_mappings() if p != store.pair_of(store.get_table()).semaphore}
+    assert segments == {store.pair_of(store.get_table()).segment}
     assert pinned_bytes() <= one_segment + 64 * 1024
