@@ -133,8 +133,10 @@ class IntentLog:
         self._geometry = memory.geometry
         # One aligned u64 view over the arm word: arming and disarming are single stores.
         self._armed = memory.word_view(INTENT_ARMED_OFFSET)
+        self._crc = memory.u32_array(INTENT_CRC_OFFSET, 1)
 
     def release(self) -> None:
+        self._crc.release()
         self._armed.release()
 
     @property
@@ -154,9 +156,9 @@ class IntentLog:
         """Write the record, then arm it with one store: a half-written record is never armed."""
         body = INTENT_BODY.pack(*intent)
         mm = self._mm
-        mm[INTENT_BODY_OFFSET : INTENT_BODY_OFFSET + len(body)] = body
-        INTENT_CRC.pack_into(mm, INTENT_CRC_OFFSET, zlib.crc32(body))
-        self._armed[0] = intent.seq
+        mm[INTENT_BODY_OFFSET : INTENT_BODY_OFFSET + INTENT_BODY.size] = body
+        self._crc[0] = zlib.crc32(body)
+        self._armed[0] = intent[0]
 
     def disarm(self) -> None:
         self._armed[0] = 0

@@ -74,15 +74,16 @@ class TableMemory:
         whole = memoryview(segment.memory)
         self._whole = whole
         self.control = whole[CONTROL_OFFSET : CONTROL_OFFSET + CONTROL_WORDS * 8].cast("Q")
-        self.buckets = self._u32_array(geometry.buckets_offset, geometry.bucket_count)
-        self.links = self._u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
-        self.owners = self._u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
+        self.buckets = self.u32_array(geometry.buckets_offset, geometry.bucket_count)
+        self.links = self.u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
+        self.owners = self.u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
         self.mask = geometry.bucket_count - 1
         self.entries_offset = geometry.entries_offset
         self._hasher = hashlib.blake2b(digest_size=8, key=segment.secret)
         self._hash_memo: dict[bytes, int] = {}
 
-    def _u32_array(self, offset: int, count: int) -> memoryview:
+    def u32_array(self, offset: int, count: int) -> memoryview:
+        """``count`` u32 words at ``offset`` as an ``"I"`` view (the caller releases its own)."""
         return self._whole[offset : offset + count * U32].cast("I")
 
     def word_view(self, offset: int) -> memoryview:
@@ -260,6 +261,16 @@ class TableMemory:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {chunk}")
             yield chunk
             chunk = links[chunk]
+
+    def chain_length(self, index: int, first: int, length: int) -> int:
+        """How many chunks entry ``index``'s value has, its chain checked (fast for one)."""
+        if length <= self.geometry.chunk_size:
+            if length == 0:
+                return 0
+            if first >= self.chunk_hwm() or self.owners[first] != index + 1:
+                raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
+            return 1
+        return sum(1 for _chunk in self.chain(index, first, length))
 
     def read_value(self, index: int, first: int, length: int) -> bytes:
         """Copy a value out of its chunks (the chain is checked as it is walked)."""

@@ -119,21 +119,20 @@ FAULT_POINTS: tuple[str, ...] = (
 )
 
 
-def _blank(log: IntentLog, op: int, memory: TableMemory) -> dict[str, int]:
-    """The fields every intent records: sequence, op and the words any write may change."""
+def _words(memory: TableMemory) -> tuple[int, int, int, int, int, int, int]:
+    """(free entry, entry hwm, free chunk, chunk hwm, entries, chunks used, value bytes): the
+    words any write may change, read and checked once (their old values go in the intent)."""
     control = memory.control
     entries, used, value_bytes = memory.counts()
-    return {
-        "seq": log.next_seq(),
-        "op": op,
-        "free_entry": control[CTL_FREE_ENTRY],
-        "entry_hwm": memory.entry_hwm(),
-        "free_chunk": memory.free_chunk_head(),
-        "chunk_hwm": memory.chunk_hwm(),
-        "entries": entries,
-        "chunks_used": used,
-        "value_bytes": value_bytes,
-    }
+    return (
+        control[CTL_FREE_ENTRY],
+        memory.entry_hwm(),
+        memory.free_chunk_head(),
+        memory.chunk_hwm(),
+        entries,
+        used,
+        value_bytes,
+    )
 
 
 def _check_counts(memory: TableMemory, intent: Intent, entries_after: int) -> None:
@@ -164,27 +163,38 @@ def insert(
     index, from_hwm, succ = plan_entry(memory)
     count = memory.geometry.chunks_for(len(value))
     plan = plan_chunks(memory, count)
-    fields = _blank(log, INTENT_OP_INSERT, memory)
-    intent = Intent(
-        old_active=0,
-        from_hwm=from_hwm,
-        entry=index,
-        bucket=key_hash & memory.mask,
-        pred=NIL,
-        succ=succ,
-        chunks=count,
-        stack_taken=plan.stack_taken,
-        last_stack=plan.last_stack,
-        last_link=plan.last_link,
-        free_chunk_mid=plan.new_head,
-        first=plan.first,
-        freed_first=NIL,
-        freed_count=0,
-        length=len(value),
-        old_length=0,
-        deletes=0,
-        generation=0,
-        **fields,
+    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
+    # Positional (tuple.__new__): a keyword NamedTuple costs microseconds on this hot path.
+    intent = Intent._make(
+        (
+            log.next_seq(),
+            INTENT_OP_INSERT,
+            0,  # old_active
+            from_hwm,
+            index,
+            key_hash & memory.mask,  # bucket
+            NIL,  # pred
+            succ,
+            free_entry,
+            entry_hwm,
+            count,
+            plan.stack_taken,
+            plan.last_stack,
+            plan.last_link,
+            free_chunk,
+            plan.new_head,  # free_chunk_mid
+            chunk_hwm,
+            plan.first,
+            NIL,  # freed_first
+            0,  # freed_count
+            len(value),
+            0,  # old_length
+            entries,
+            used,
+            value_bytes,
+            0,  # deletes
+            0,  # generation
+        )
     )
     _check_counts(memory, intent, intent.entries + 1)
     if from_hwm:
@@ -249,30 +259,40 @@ def update(
     """Give entry ``index`` a new value and expiry (the caller made room)."""
     active = memory.active(index)
     _expiry, old_length, old_first, _crc = memory.descriptor(index, active)
-    freed = sum(1 for _chunk in memory.chain(index, old_first, old_length))  # checked
+    freed = memory.chain_length(index, old_first, old_length)  # checked
     count = memory.geometry.chunks_for(len(value))
     plan = plan_chunks(memory, count)
-    fields = _blank(log, INTENT_OP_UPDATE, memory)
-    intent = Intent(
-        old_active=active,
-        from_hwm=0,
-        entry=index,
-        bucket=0,
-        pred=NIL,
-        succ=NIL,
-        chunks=count,
-        stack_taken=plan.stack_taken,
-        last_stack=plan.last_stack,
-        last_link=plan.last_link,
-        free_chunk_mid=plan.new_head,
-        first=plan.first,
-        freed_first=old_first if freed else NIL,
-        freed_count=freed,
-        length=len(value),
-        old_length=old_length,
-        deletes=0,
-        generation=0,
-        **fields,
+    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
+    intent = Intent._make(
+        (
+            log.next_seq(),
+            INTENT_OP_UPDATE,
+            active,  # old_active
+            0,  # from_hwm
+            index,
+            0,  # bucket
+            NIL,  # pred
+            NIL,  # succ
+            free_entry,
+            entry_hwm,
+            count,
+            plan.stack_taken,
+            plan.last_stack,
+            plan.last_link,
+            free_chunk,
+            plan.new_head,  # free_chunk_mid
+            chunk_hwm,
+            plan.first,
+            old_first if freed else NIL,  # freed_first
+            freed,
+            len(value),
+            old_length,
+            entries,
+            used,
+            value_bytes,
+            0,  # deletes
+            0,  # generation
+        )
     )
     _check_counts(memory, intent, intent.entries)
     if hook is not None:
@@ -317,33 +337,43 @@ def delete(memory: TableMemory, log: IntentLog, hook: Hook, index: int) -> int:
     if active > 1:
         raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
     _expiry, length, first, _crc = memory.descriptor(index, active)
-    freed = sum(1 for _chunk in memory.chain(index, first, length))  # checked
+    freed = memory.chain_length(index, first, length)  # checked
     bucket = key_hash & memory.mask
     pred = predecessor(memory, bucket, index)
     if succ != NIL and succ >= memory.entry_hwm():
         raise CorruptTable(f"entry {index} links to entry {succ}, out of range")
-    fields = _blank(log, INTENT_OP_DELETE, memory)
+    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
     memory.free_entry_head()  # checked: it becomes this entry's stack link
-    intent = Intent(
-        old_active=active,
-        from_hwm=0,
-        entry=index,
-        bucket=bucket,
-        pred=pred,
-        succ=succ,
-        chunks=0,
-        stack_taken=0,
-        last_stack=NIL,
-        last_link=NIL,
-        free_chunk_mid=fields["free_chunk"],
-        first=NIL,
-        freed_first=first if freed else NIL,
-        freed_count=freed,
-        length=0,
-        old_length=length,
-        deletes=0,
-        generation=0,
-        **fields,
+    intent = Intent._make(
+        (
+            log.next_seq(),
+            INTENT_OP_DELETE,
+            active,  # old_active
+            0,  # from_hwm
+            index,
+            bucket,
+            pred,
+            succ,
+            free_entry,
+            entry_hwm,
+            0,  # chunks
+            0,  # stack_taken
+            NIL,  # last_stack
+            NIL,  # last_link
+            free_chunk,
+            free_chunk,  # free_chunk_mid: nothing is allocated
+            chunk_hwm,
+            NIL,  # first
+            first if freed else NIL,  # freed_first
+            freed,
+            0,  # length
+            length,  # old_length
+            entries,
+            used,
+            value_bytes,
+            0,  # deletes
+            0,  # generation
+        )
     )
     _check_counts(memory, intent, intent.entries - 1)
     if hook is not None:
