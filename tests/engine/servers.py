@@ -142,7 +142,7 @@ class Server:
 
     def in_namespace(self) -> list[str]:
         """A command prefix that runs a command in the server's mount namespace."""
-        return ["nsenter", f"--target={self.pid}", "--mount"]
+        return ["nsenter", f"--target={self.pid}", "--mount", f"--wd={PROJECT}"]
 
     def children(self) -> set[int]:
         """Worker pids: the master's live child processes (Linux /proc)."""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import random
 import shutil
@@ -9,12 +11,14 @@ import stat
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 from collections.abc import Callable
 
+import posix_ipc
 import pytest
 
-from django_shmsession import layout
+from django_shmsession import layout, platform, segment
 from django_shmsession.exceptions import (
     ForeignSegment,
     LayoutMismatch,
@@ -339,3 +343,166 @@ def test_a_handle_keeps_working_after_unlink(table: SessionTable, clock: FakeClo
     assert table.get("b") == b"w"
     with pytest.raises(SegmentNotFound):
         SessionTable(table.name)
+
+
+# -- one segment, one semaphore ----------------------------------------------------------------
+
+
+def pair_files(name: str) -> tuple[tuple[int, int], tuple[int, int]]:
+    seg, sem = os.stat(shm_path(name)), os.stat(sem_path(name))
+    return (seg.st_dev, seg.st_ino), (sem.st_dev, sem.st_ino)
+
+
+def test_the_header_records_the_semaphore_the_segment_was_created_with(
+    table: SessionTable, shm_name: str
+) -> None:
+    fields = layout.GEOMETRY.unpack_from(raw_bytes(shm_name), layout.GEOMETRY_OFFSET)
+    assert (fields[8], fields[9]) == pair_files(shm_name)[1]
+
+
+def raw_bytes(name: str) -> bytes:
+    with open(shm_path(name), "rb") as f:
+        return f.read(layout.HEADER_SIZE)
+
+
+@pytest.mark.parametrize("damage", ["semaphore-removed", "semaphore-replaced", "truncated"])
+def test_a_broken_pair_is_replaced_by_a_new_pair(shm_name: str, damage: str) -> None:
+    """The old segment's sessions are the accepted cost; pairing it with another semaphore is
+    not: two locks on one table."""
+    with SessionTable(shm_name, DEFAULT_SIZE) as old:
+        old.set("a", b"v", 4e9)
+        before = pair_files(shm_name)
+        if damage == "truncated":
+            os.truncate(shm_path(shm_name), 8192)
+        else:
+            os.unlink(sem_path(shm_name))
+            if damage == "semaphore-replaced":
+                posix_ipc.Semaphore(shm_name + ".lock", posix_ipc.O_CREX, 0o600, 1).close()
+        with pytest.raises(SegmentNotFound, match="unusable"):
+            SessionTable(shm_name)  # open-only never creates
+        with SessionTable(shm_name, DEFAULT_SIZE) as new:
+            after = pair_files(shm_name)
+            assert after[0] != before[0]
+            assert after[1] != before[1]
+            assert new.get("a") is None
+            new.set("b", b"w", 4e9)
+            with SessionTable(shm_name) as third:
+                assert third.get("b") == b"w"
+    assert [f for f in leftover_files(shm_name) if ".new-" in f] == []
+
+
+def test_the_init_lock_is_per_open_file_description_not_per_process(
+    table: SessionTable, shm_name: str
+) -> None:
+    """lockf locks vanish when the process closes any descriptor of the file, and do not
+    exclude threads; OFD locks on a description of their own do both."""
+    fd = os.open(shm_path(shm_name), os.O_RDWR)
+    try:
+        with segment._init_lock(fd):
+            other = platform.reopen(fd)
+            try:
+                assert platform.lock_byte(other, layout.INIT_LOCK_BYTE, wait=False) is False
+                os.close(os.open(shm_path(shm_name), os.O_RDWR))  # dropped a lockf lock
+                assert platform.lock_byte(other, layout.INIT_LOCK_BYTE, wait=False) is False
+                done = threading.Event()
+                thread = threading.Thread(
+                    target=lambda: (segment.open_segment(shm_name, None, 512).close(), done.set())
+                )
+                thread.start()
+                assert not done.wait(0.3)  # another thread of this process waits for it
+            finally:
+                os.close(other)
+        thread.join(10)
+        assert done.is_set()
+    finally:
+        os.close(fd)
+
+
+def test_the_flock_struct_matches_this_platform() -> None:
+    """l_type, l_whence, l_start, l_len, l_pid: 32 bytes on Linux x86_64 and arm64."""
+    assert platform._FLOCK.size == 32
+
+
+OPENER_SCRIPT = """
+import json, os, sys, time
+from django_shmsession import segment
+name, size, until = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+seen = []
+while time.time() < until:
+    try:
+        s = segment.open_segment(name, size, 512)
+    except Exception as err:
+        seen.append(["error", type(err).__name__])
+        continue
+    seen.append([list(s.pair.segment), list(s.pair.semaphore), s.created])
+    s.close()
+print(json.dumps(seen))
+"""
+
+
+@pytest.mark.slow
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("removal", ["unlink", "semaphore", "segment", "both-reversed"])
+def test_openers_racing_removals_never_pair_one_segment_with_two_semaphores(
+    shm_name: str, removal: str
+) -> None:
+    """Four processes open the table in a loop while it is removed again and again: every
+    segment any of them opened came with one semaphore, and every semaphore with one segment."""
+    SessionTable(shm_name, DEFAULT_SIZE).close()
+    until = time.time() + 3
+    command = [sys.executable, "-c", OPENER_SCRIPT, shm_name, str(DEFAULT_SIZE), str(until)]
+    openers = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(4)]
+    while time.time() < until:
+        with contextlib.suppress(FileNotFoundError):
+            if removal == "unlink":
+                SessionTable.unlink_name(shm_name)
+            elif removal == "semaphore":
+                os.unlink(sem_path(shm_name))
+            elif removal == "segment":
+                os.unlink(shm_path(shm_name))
+            else:
+                os.unlink(sem_path(shm_name))
+                os.unlink(shm_path(shm_name))
+        time.sleep(0.02)
+    seen = [json.loads(opener.communicate(timeout=60)[0]) for opener in openers]
+    pairs = [(tuple(s[0]), tuple(s[1])) for run in seen for s in run if s[0] != "error"]
+    errors = [s for run in seen for s in run if s[0] == "error"]
+    assert len(pairs) > 20, (len(pairs), errors[:5])
+    semaphores_of: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    segments_of: dict[tuple[int, ...], set[tuple[int, ...]]] = {}
+    for seg, sem in pairs:
+        semaphores_of.setdefault(seg, set()).add(sem)
+        segments_of.setdefault(sem, set()).add(seg)
+    assert all(len(sems) == 1 for sems in semaphores_of.values())
+    assert all(len(segs) == 1 for segs in segments_of.values())
+    assert len(errors) <= len(pairs) // 10, errors[:5]  # "keeps being replaced" only rarely
+
+
+SAME_PAIR_SCRIPT = """
+import json, sys, time
+from django_shmsession import segment
+name, size, at = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+time.sleep(max(0.0, at - time.time()))
+s = segment.open_segment(name, size, 512)
+print(json.dumps([list(s.pair.segment), list(s.pair.semaphore), s.created]))
+"""
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("damage", ["semaphore", "truncate"])
+def test_processes_replacing_a_broken_pair_at_once_all_end_on_one_new_pair(
+    shm_name: str, damage: str
+) -> None:
+    SessionTable(shm_name, DEFAULT_SIZE).close()
+    old = pair_files(shm_name)
+    if damage == "semaphore":
+        os.unlink(sem_path(shm_name))
+    else:
+        os.truncate(shm_path(shm_name), 8192)
+    at = time.time() + 1.0  # after every interpreter started: they open at the same moment
+    command = [sys.executable, "-c", SAME_PAIR_SCRIPT, shm_name, str(DEFAULT_SIZE), str(at)]
+    procs = [subprocess.Popen(command, stdout=subprocess.PIPE) for _ in range(6)]
+    results = [json.loads(p.communicate(timeout=60)[0]) for p in procs]
+    assert {(tuple(r[0]), tuple(r[1])) for r in results} == {pair_files(shm_name)}
+    assert pair_files(shm_name)[0] != old[0]
+    assert sum(r[2] for r in results) == 1  # one creator, never a third pair
