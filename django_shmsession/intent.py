@@ -143,6 +143,11 @@ class IntentLog:
     def armed(self) -> bool:
         return self._armed[0] != 0
 
+    @property
+    def armed_word(self) -> memoryview:
+        """The arm word itself (nonzero while armed), for the lock's inline test."""
+        return self._armed
+
     def last_seq(self) -> int:
         """Sequence number of the last armed write: it changes whenever the table changes."""
         seq: int = INTENT_BODY.unpack_from(self._mm, INTENT_BODY_OFFSET)[0]

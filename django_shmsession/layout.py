@@ -113,6 +113,7 @@ CTL_GENERATION = 11  # bumped by clear() and repairs
 CTL_LOCK_PRIORITY = 12  # token of the longest waiter: others defer to it (roughly FIFO hand-off)
 CTL_LOCK_PRIORITY_SINCE = 13  # CLOCK_MONOTONIC ns when the priority was last refreshed
 CTL_SLOT_HWM = 14  # registry slots [hwm, SLOT_COUNT) have never been claimed (scans stop there)
+CTL_LOCK_PROBE_EPOCH = 15  # the epoch the current probe started at (any arbiter may finish it)
 # Statistics counters.
 CTL_HITS = 16
 CTL_MISSES = 17

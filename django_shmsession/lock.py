@@ -30,7 +30,7 @@ import time
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, ParamSpec, Protocol, TypeVar
+from typing import Any, Protocol, TypeVar
 
 from . import faults
 from .exceptions import CorruptTable, LockTimeout, ShmSessionError, UnsupportedPlatform
@@ -43,6 +43,7 @@ from .layout import (
     CTL_LOCK_PRIORITY,
     CTL_LOCK_PRIORITY_SINCE,
     CTL_LOCK_PROBE,
+    CTL_LOCK_PROBE_EPOCH,
     CTL_LOCK_RECOVERIES,
     CTL_LOCK_TIMEOUTS,
     CTL_LOCK_WAITS,
@@ -73,7 +74,6 @@ __all__ = ["FAULT_POINTS", "POLL_INTERVAL", "Recovery", "TableLock", "posix_ipc"
 
 logger = logging.getLogger("django_shmsession")
 
-_P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 #: How long one timed wait lasts: bounds how late a waiter notices a dead holder.
@@ -112,7 +112,14 @@ _TOKEN_MASK = (1 << 64) - 1
 
 
 class Recovery(Protocol):
-    """What the lock needs from the table to finish or undo a write a dead holder left."""
+    """What the lock needs from the table to finish or undo a write a dead holder left.
+
+    ``pending_word`` is a one-word view that is nonzero while anything awaits recovery (the
+    intent log's arm word): the lock tests it inline, with ``CTL_REPAIR``, on every critical
+    section, and calls :meth:`pending`/:meth:`recover` only when one of them is set.
+    """
+
+    pending_word: memoryview
 
     def pending(self) -> bool:
         """Return True when an interrupted write (or detected corruption) awaits recovery."""
@@ -317,6 +324,7 @@ class TableLock:
             self._semaphore = _Faulty(segment.semaphore, "semaphore")
         self.timeout = timeout
         self._recovery = recovery
+        self._pending_word = recovery.pending_word
         self._local = _ThreadClaim()
         self._claims: weakref.WeakSet[_Claim] = weakref.WeakSet()
         self._claim_lock = threading.Lock()
@@ -324,7 +332,7 @@ class TableLock:
 
     # -- the critical section --------------------------------------------------------------------
 
-    def run(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+    def run(self, operation: Callable[..., _T], *args: Any) -> _T:
         """Run ``operation`` holding the lock, after recovering any interrupted write.
 
         A ``CorruptTable`` from the operation lets the table repair, then retries once. The
@@ -360,19 +368,18 @@ class TableLock:
                 else:
                     control[CTL_LOCK_HOLDER] = token
                     control[CTL_LOCK_EPOCH] += 1
-            recovery = self._recovery
-            if recovery.pending():
-                recovery.recover()
+            if self._pending_word[0] or control[CTL_REPAIR]:
+                self._recover()
             try:
-                return operation(*args, **kwargs)
+                return operation(*args)
             except CorruptTable as err:
-                recovery.corrupted(err)
-                return operation(*args, **kwargs)
+                self._recovery.corrupted(err)
+                return operation(*args)
         finally:
             if control[CTL_LOCK_HOLDER] == token:
                 try:
-                    if self._recovery.pending():  # an exception interrupted a write here
-                        self._recovery.recover()
+                    if self._pending_word[0] or control[CTL_REPAIR]:
+                        self._recover()  # an exception interrupted a write in this thread
                 finally:
                     registry[state] = SLOT_RELEASING
                     control[CTL_LOCK_HOLDER] = 0
@@ -387,6 +394,11 @@ class TableLock:
                     "holding it; its interrupted write was recovered",
                     self._segment.name,
                 )
+
+    def _recover(self) -> None:
+        recovery = self._recovery
+        if recovery.pending():
+            recovery.recover()
 
     # -- registry ---------------------------------------------------------------------------------
 
@@ -605,9 +617,22 @@ class TableLock:
             control[CTL_LOCK_EPOCH] += 1
             self._recorded(claim)
             return True
-        number = (control[CTL_LOCK_PROBE] + 1) & _TOKEN_MASK
+        number = (control[CTL_LOCK_PROBE] + 1) & _TOKEN_MASK or 1
+        control[CTL_LOCK_PROBE_EPOCH] = epoch
         control[CTL_LOCK_PROBE] = number
         return _Probe(epoch, number)
+
+    def _current_probe(self) -> _Probe | None:
+        """The probe another arbiter started at the current epoch, which this one may finish.
+
+        Arbiters take turns (each holds the arbiter only while it looks): if each started a
+        probe of its own, every new number would void the others' and none would finish.
+        """
+        control = self._control
+        number, epoch = control[CTL_LOCK_PROBE], control[CTL_LOCK_PROBE_EPOCH]
+        if number and epoch == control[CTL_LOCK_EPOCH]:
+            return _Probe(epoch, number)
+        return None
 
     def _finish_probe(self, claim: _Claim, probe: _Probe) -> bool | None:
         """Probe step 5: True if adopted, False if the probe failed, None to keep waiting."""
@@ -644,8 +669,7 @@ class TableLock:
         finally:
             if self._control[CTL_LOCK_HOLDER] == claim.token:
                 try:
-                    if self._recovery.pending():
-                        self._recovery.recover()
+                    self._recover()
                 finally:
                     self._release(claim)
             else:
@@ -782,6 +806,8 @@ class _Wait:
     def _advance_probe(self) -> bool | None:
         """Start the probe, or collect its echoes; True adopted, False holding, None waiting."""
         lock = self.lock
+        if self.probe is None or self.probe.number != self.control[CTL_LOCK_PROBE]:
+            self.probe = lock._current_probe()
         if self.probe is None:
             started = lock._start_probe(self.claim)
             if started is True:

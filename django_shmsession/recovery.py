@@ -45,6 +45,8 @@ class TableRecovery:
         self._memory = memory
         self._control = memory.control
         self._log = log
+        #: Nonzero while an intent is armed: the lock tests it inline (see lock.Recovery).
+        self.pending_word = log.armed_word
 
     def pending(self) -> bool:
         return self._log.armed or self._control[CTL_REPAIR] != 0

@@ -164,6 +164,9 @@ class SessionTable:
         self._log = IntentLog(self._memory)
         self._recovery = TableRecovery(self._memory, self._log)
         self._lock = TableLock(self._segment, self._control, lock_timeout, self._recovery)
+        #: Runs an operation under the lock (recovering first and after, see lock.py); bound
+        #: once, a call less per operation. A closed handle's lock refuses to run.
+        self._locked = self._lock.run
         self._max_value_size = max_value_size
         #: Chunks kept free for updates that do not grow (see :mod:`.eviction`).
         self._reserve = geometry.chunks_for(max_value_size)
@@ -320,12 +323,6 @@ class SessionTable:
         return f"<SessionTable {self.name!r} {self.size} bytes>"
 
     # -- locking --------------------------------------------------------------------------------
-
-    def _locked(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
-        """Run ``operation`` under the lock (which recovers first and after, see lock.py)."""
-        if self._closed:
-            raise ShmSessionError("this SessionTable is closed; open a new one")
-        return self._lock.run(operation, *args, **kwargs)
 
     def _require_open(self) -> None:
         if self._closed:

@@ -93,6 +93,7 @@ class BoardRecovery:
 
     def __init__(self, board: Any) -> None:
         self.board = board
+        self.pending_word = memoryview(board).cast("B").cast("Q")[DIRTY : DIRTY + 1]
 
     def pending(self) -> bool:
         return bool(self.board[DIRTY])

@@ -76,6 +76,32 @@ def assert_lock_free(name: str, board: Any) -> None:
         seg.close()
 
 
+def describe_lock(name: str) -> str:
+    """The lock words and every used slot (state, ack, pid, alive), for a failure message."""
+    seg = lockprocs.open_bare(name)
+    control = memoryview(seg.memory)[layout.CONTROL_OFFSET :].cast("Q")
+    registry = memoryview(seg.memory)[layout.REGISTRY_OFFSET :].cast("Q")
+    probe_fd = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR)
+    lines = [
+        f"holder={control[layout.CTL_LOCK_HOLDER]:#x} epoch={control[layout.CTL_LOCK_EPOCH]} "
+        f"probe={control[layout.CTL_LOCK_PROBE]} priority={control[layout.CTL_LOCK_PRIORITY]:#x} "
+        f"sem={seg.semaphore.value}"
+    ]
+    for slot in range(control[layout.CTL_SLOT_HWM]):
+        base = slot * layout.SLOT_WORDS
+        alive = lock._ofd_locked_by_other(probe_fd, layout.SLOT_LOCK_BASE + slot)
+        lines.append(
+            f"  slot {slot}: state={registry[base + layout.SW_STATE]} "
+            f"ack={registry[base + layout.SW_ACK]} inc={registry[base + layout.SW_INCARNATION]} "
+            f"pid={registry[base + layout.SW_PID]} alive={alive}"
+        )
+    os.close(probe_fd)
+    control.release()
+    registry.release()
+    seg.close()
+    return "\n".join(lines)
+
+
 def stall_after_death(board: Any) -> float:
     """Seconds between a worker's death and the next completed section."""
     died = board[DIED_AT_NS]
@@ -338,6 +364,8 @@ def test_random_kills_under_load_never_double_hold_and_stall_briefly(seg_name: s
             while board[OPS] == ops and time.monotonic() - died < 5:
                 time.sleep(0.0005)
             stalls.append(time.monotonic() - died)
+            if stalls[-1] > MAX_STALL:
+                print(f"stall of {stalls[-1]:.3f} s after a kill:\n{describe_lock(seg_name)}")
             workers[index] = lockprocs.start(seg_name, board, 600, hold=0.0001)
     finally:
         for worker in workers:
