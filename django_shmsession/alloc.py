@@ -14,7 +14,6 @@ fresh chunks come from above the chunk high-water mark, where nothing needs undo
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
 
 from .exceptions import CorruptTable
 from .intent import Intent
@@ -34,36 +33,37 @@ Hook = Callable[[str], None] | None
 __all__ = ["ChunkPlan", "apply_chunks", "free_chain", "plan_chunks", "plan_entry", "undo_chunks"]
 
 
-class ChunkPlan(NamedTuple):
-    first: int  # first chunk of the new chain (NIL for none)
-    stack_taken: int  # chunks popped from the free stack (the rest come from the hwm)
-    last_stack: int  # the last popped chunk (NIL when none): its link is overwritten
-    last_link: int  # that link's current value
-    new_head: int  # the free-stack head after the allocation
+#: What :func:`plan_chunks` returns, in the order of the intent's fields ``chunks`` ..
+#: ``first``: (chunks, stack_taken, last_stack, last_link, free_chunk, free_chunk_mid,
+#: chunk_hwm, first). A plain tuple: it goes straight into the record.
+ChunkPlan = tuple[int, int, int, int, int, int, int, int]
 
 
-def plan_entry(memory: TableMemory) -> tuple[int, int, int]:
-    """(index, from_hwm, stack successor) of the entry an insert will take; stores nothing."""
-    head = memory.free_entry_head()
-    if head != NIL:
-        state, _active, _key_len, next_index, _hash = memory.head(head)
+def plan_entry(memory: TableMemory, free_entry: int, entry_hwm: int) -> tuple[int, int, int]:
+    """(index, from_hwm, stack successor) of the entry an insert will take; stores nothing.
+
+    ``free_entry`` and ``entry_hwm`` are the checked words of :meth:`TableMemory.words`.
+    """
+    if free_entry != NIL:
+        state, _active, _key_len, next_index, _hash = memory.head(free_entry)
         if state != ENTRY_FREE:
-            raise CorruptTable(f"free-entry stack holds entry {head}, which is in use")
-        if next_index != NIL and next_index >= memory.entry_hwm():
+            raise CorruptTable(f"free-entry stack holds entry {free_entry}, which is in use")
+        if next_index != NIL and next_index >= entry_hwm:
             raise CorruptTable(f"free-entry stack links to entry {next_index}, out of range")
-        return head, 0, next_index
-    hwm = memory.entry_hwm()
-    if hwm >= memory.geometry.entry_capacity:
+        return free_entry, 0, next_index
+    if entry_hwm >= memory.geometry.entry_capacity:
         raise CorruptTable("no free entry although the free count said there was one")
-    return hwm, 1, NIL
+    return entry_hwm, 1, NIL
 
 
-def plan_chunks(memory: TableMemory, count: int) -> ChunkPlan:
-    """Which chunks ``count`` new chunks will be; checked, stores nothing."""
-    head = memory.free_chunk_head()
+def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPlan:
+    """Which chunks ``count`` new chunks will be; checked, stores nothing.
+
+    ``head`` and ``hwm`` are the checked free-chunk head and chunk high-water mark
+    (:meth:`TableMemory.words`). Stacked chunks are taken first, then fresh ones at the mark.
+    """
     if count == 0:
-        return ChunkPlan(NIL, 0, NIL, NIL, head)
-    hwm = memory.chunk_hwm()
+        return 0, 0, NIL, NIL, head, head, hwm, NIL
     links, owners = memory.links, memory.owners
     seen: set[int] | None = None if count == 1 else set()
     taken, last, chunk = 0, NIL, head
@@ -79,8 +79,8 @@ def plan_chunks(memory: TableMemory, count: int) -> ChunkPlan:
     if hwm + count - taken > memory.geometry.chunk_capacity:
         raise CorruptTable("no free chunk although the free count said there was one")
     if taken == 0:
-        return ChunkPlan(hwm, 0, NIL, NIL, head)
-    return ChunkPlan(head, taken, last, chunk, chunk)
+        return count, 0, NIL, NIL, head, head, hwm, hwm
+    return count, taken, last, chunk, head, chunk, hwm, head
 
 
 def take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:

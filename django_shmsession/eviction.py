@@ -17,41 +17,40 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .layout import CTL_CHUNKS_USED, CTL_FREE_ENTRY, ENTRY_USED, NIL
-from .memory import TableMemory
+from .layout import ENTRY_USED, NIL
+from .memory import TableMemory, Words
 
-__all__ = ["EVICTION_PROBES", "EVICTION_SAMPLE", "has_room", "pick_victim", "required_chunks"]
+__all__ = ["EVICTION_PROBES", "EVICTION_SAMPLE", "has_room", "pick_victim"]
 
 #: Entries sampled per eviction (Redis's volatile-ttl samples 5 by default).
 EVICTION_SAMPLE = 8
 EVICTION_PROBES = 64
 
 
-def required_chunks(new: int, old: int | None, reserve: int, capacity: int) -> int:
-    """Free chunks a write needs before it starts.
+def has_room(
+    memory: TableMemory,
+    words: Words,
+    need_entry: bool,
+    new: int,
+    old: int | None,
+    reserve: int,
+) -> bool:
+    """True when a free entry (if ``need_entry``) and the free chunks a write of ``new`` chunks
+    needs exist; ``words`` are the checked :meth:`TableMemory.words` the write will plan from.
 
     ``old`` is the chunk count of the value an update replaces (None for an insert). An update
     that does not grow needs only its new chain (the reserve covers it); anything else must
     leave the reserve intact afterwards (capped at the capacity, so a lone maximal value fits).
     """
+    free_entry, _free_chunk, entry_hwm, _chunk_hwm, _entries, used, _bytes = words
+    capacity = memory.geometry.chunk_capacity
     if old is not None and new <= old:
-        return new
-    grow = new - (old or 0)
-    return max(new, min(grow + reserve, capacity))
-
-
-def has_room(memory: TableMemory, need_entry: bool, chunks: int) -> bool:
-    """True when a free entry (if needed) and ``chunks`` free chunks exist (counts checked)."""
-    geometry = memory.geometry
-    if (
-        need_entry
-        and memory.control[CTL_FREE_ENTRY] == NIL
-        and memory.entry_hwm() >= geometry.entry_capacity
-    ):
+        need = new
+    else:
+        need = max(new, min(new - (old or 0) + reserve, capacity))
+    if need_entry and free_entry == NIL and entry_hwm >= memory.geometry.entry_capacity:
         return False
-    memory.counts()  # impossible counts raise CorruptTable
-    used: int = memory.control[CTL_CHUNKS_USED]
-    return geometry.chunk_capacity - used >= chunks
+    return capacity - used >= need
 
 
 def pick_victim(

@@ -30,11 +30,13 @@ __all__ = ["descriptor_of", "find", "predecessor"]
 
 def find(memory: TableMemory, key: bytes, key_hash: int) -> tuple[int, tuple[Any, ...]]:
     """(index, fields) of the used entry holding ``key``, or (NIL, ())."""
-    key_len = len(key)
-    padded = pad_key(key)
     mask = memory.mask
     bucket = key_hash & mask
     index = memory.buckets[bucket]
+    if index == NIL:  # an empty bucket: no hwm read, no key padding
+        return NIL, ()
+    key_len = len(key)
+    padded = pad_key(key)
     hwm = memory.entry_hwm()
     entry = memory.entry
     for _ in range(hwm + 1):
@@ -73,6 +75,8 @@ def predecessor(memory: TableMemory, bucket: int, index: int) -> int:
     before it arms its intent).
     """
     current = memory.buckets[bucket]
+    if current == index:  # the usual case (chains are short): no walk
+        return NIL
     previous = NIL
     hwm = memory.entry_hwm()
     for _ in range(hwm + 1):

@@ -134,8 +134,11 @@ class IntentLog:
         # One aligned u64 view over the arm word: arming and disarming are single stores.
         self._armed = memory.word_view(INTENT_ARMED_OFFSET)
         self._crc = memory.u32_array(INTENT_CRC_OFFSET, 1)
+        # The body's first word is its ``seq``: read alone, without unpacking the whole body.
+        self._seq = memory.word_view(INTENT_BODY_OFFSET)
 
     def release(self) -> None:
+        self._seq.release()
         self._crc.release()
         self._armed.release()
 
@@ -150,18 +153,21 @@ class IntentLog:
 
     def last_seq(self) -> int:
         """Sequence number of the last armed write: it changes whenever the table changes."""
-        seq: int = INTENT_BODY.unpack_from(self._mm, INTENT_BODY_OFFSET)[0]
+        seq: int = self._seq[0]
         return seq
 
     def next_seq(self) -> int:
         """A fresh, nonzero sequence number (wraps long after any table is gone)."""
-        return (self.last_seq() + 1) & 0xFFFFFFFFFFFFFFFF or 1
+        seq: int = (self._seq[0] + 1) & 0xFFFFFFFFFFFFFFFF
+        return seq or 1
 
     def arm(self, intent: Intent) -> None:
-        """Write the record, then arm it with one store: a half-written record is never armed."""
+        """Write the record, then arm it with one store: a half-written record is never armed.
+
+        (``pack`` then one slice store is faster than ``pack_into`` with 27 unpacked fields.)
+        """
         body = INTENT_BODY.pack(*intent)
-        mm = self._mm
-        mm[INTENT_BODY_OFFSET : INTENT_BODY_OFFSET + INTENT_BODY.size] = body
+        self._mm[INTENT_BODY_OFFSET : INTENT_BODY_OFFSET + INTENT_BODY.size] = body
         self._crc[0] = zlib.crc32(body)
         self._armed[0] = intent[0]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import struct
 import zlib
 from collections.abc import Iterator
 from typing import Any
@@ -28,6 +29,7 @@ from .layout import (
     CTL_FREE_ENTRY,
     CTL_VALUE_BYTES,
     DESCRIPTOR,
+    DESCRIPTOR_OFFSET,
     ENTRY,
     ENTRY_ACTIVE_OFFSET,
     ENTRY_HEAD,
@@ -54,6 +56,31 @@ class CorruptEntry(CorruptTable):
         self.index = index
 
 
+#: The words a write reads before planning, in control-word order (one slice reads them all).
+WRITE_WORDS = (
+    CTL_FREE_ENTRY,
+    CTL_FREE_CHUNK,
+    CTL_ENTRY_HWM,
+    CTL_CHUNK_HWM,
+    CTL_ENTRIES,
+    CTL_CHUNKS_USED,
+    CTL_VALUE_BYTES,
+)
+if tuple(range(CTL_FREE_ENTRY, CTL_FREE_ENTRY + len(WRITE_WORDS))) != WRITE_WORDS:
+    raise ImportError("layout: the write words must be consecutive")  # pragma: no cover
+
+#: What :meth:`TableMemory.words` returns.
+Words = tuple[int, int, int, int, int, int, int]
+
+_WORDS_SLICE = slice(WRITE_WORDS[0], WRITE_WORDS[-1] + 1)
+
+#: Offset of descriptor 0 and 1 within an entry (``Geometry.descriptor_offset`` without a call:
+#: every entry access here computes its offset inline, one call less per store).
+_DESCRIPTORS = (DESCRIPTOR_OFFSET, DESCRIPTOR_OFFSET + DESCRIPTOR.size)
+
+#: An entry's head and zero-padded key in one store (``struct`` pads the ``s`` field with zeros).
+_HEAD_AND_KEY = struct.Struct(f"{ENTRY_HEAD.format}{KEY_MAX}s")
+
 #: Keys whose hash a process remembers (cleared when full: bounded memory, no eviction cost).
 HASH_MEMO_SIZE = 4096
 
@@ -79,6 +106,10 @@ class TableMemory:
         self.owners = self.u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
         self.mask = geometry.bucket_count - 1
         self.entries_offset = geometry.entries_offset
+        self.chunks_offset = geometry.chunks_offset
+        self.chunk_size = geometry.chunk_size
+        #: ``Geometry.data_capacity`` is computed; writes check against it several times each.
+        self.data_capacity = geometry.data_capacity
         self._hasher = hashlib.blake2b(digest_size=8, key=segment.secret)
         self._hash_memo: dict[bytes, int] = {}
 
@@ -111,12 +142,41 @@ class TableMemory:
         if (
             entries > geometry.entry_capacity
             or used > geometry.chunk_capacity
-            or value_bytes > geometry.data_capacity
+            or value_bytes > self.data_capacity
         ):
             raise CorruptTable(
                 f"impossible counts: {entries} entries, {used} chunks, {value_bytes} value bytes"
             )
         return entries, used, value_bytes
+
+    def words(self) -> Words:
+        """(free entry, free chunk, entry hwm, chunk hwm, entries, chunks used, value bytes).
+
+        Every word a write may change, read with one slice and checked together (the same
+        checks as :meth:`free_entry_head`, :meth:`free_chunk_head`, the hwm readers and
+        :meth:`counts`): a write reads them once, plans from them and records their old values.
+        """
+        words = self.control[_WORDS_SLICE].tolist()
+        free_entry, free_chunk, entry_hwm, chunk_hwm, entries, used, value_bytes = words
+        geometry = self.geometry
+        if not (
+            entry_hwm <= geometry.entry_capacity
+            and chunk_hwm <= geometry.chunk_capacity
+            and (free_entry == NIL or free_entry < entry_hwm)
+            and (free_chunk == NIL or free_chunk < chunk_hwm)
+            and entries <= geometry.entry_capacity
+            and used <= geometry.chunk_capacity
+            and value_bytes <= self.data_capacity
+        ):
+            self._raise_bad_words()
+        return free_entry, free_chunk, entry_hwm, chunk_hwm, entries, used, value_bytes
+
+    def _raise_bad_words(self) -> None:
+        """Raise the specific CorruptTable of whichever checked reader rejects a word."""
+        self.free_entry_head()
+        self.free_chunk_head()
+        self.counts()
+        raise CorruptTable("a free-stack, high-water or count word is impossible")  # unreachable
 
     # -- hashing and checksums ------------------------------------------------------------------
 
@@ -188,7 +248,7 @@ class TableMemory:
     def head(self, index: int) -> tuple[int, int, int, int, int]:
         """(state, active, key_len, next, key_hash) of entry ``index``."""
         fields: tuple[int, int, int, int, int] = ENTRY_HEAD.unpack_from(
-            self.mm, self.geometry.entry_offset(index)
+            self.mm, self.entries_offset + index * ENTRY_SIZE
         )
         return fields
 
@@ -199,44 +259,52 @@ class TableMemory:
     def key(self, index: int, key_len: int) -> bytes:
         if key_len > KEY_MAX:
             raise CorruptTable(f"entry {index} has a key length of {key_len}")
-        start = self.geometry.entry_offset(index) + ENTRY_KEY_OFFSET
+        start = self.entries_offset + index * ENTRY_SIZE + ENTRY_KEY_OFFSET
         return self.mm[start : start + key_len]
 
     def state(self, index: int) -> int:
-        return self.mm[self.geometry.entry_offset(index) + ENTRY_STATE_OFFSET]
+        return self.mm[self.entries_offset + index * ENTRY_SIZE + ENTRY_STATE_OFFSET]
 
     def set_state(self, index: int, state: int) -> None:
-        self.mm[self.geometry.entry_offset(index) + ENTRY_STATE_OFFSET] = state
+        self.mm[self.entries_offset + index * ENTRY_SIZE + ENTRY_STATE_OFFSET] = state
 
     def active(self, index: int) -> int:
-        active = self.mm[self.geometry.entry_offset(index) + ENTRY_ACTIVE_OFFSET]
+        active = self.mm[self.entries_offset + index * ENTRY_SIZE + ENTRY_ACTIVE_OFFSET]
         if active > 1:
             raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
         return active
 
     def set_active(self, index: int, which: int) -> None:
-        self.mm[self.geometry.entry_offset(index) + ENTRY_ACTIVE_OFFSET] = which
+        self.mm[self.entries_offset + index * ENTRY_SIZE + ENTRY_ACTIVE_OFFSET] = which
 
     def set_next(self, index: int, next_index: int) -> None:
         ENTRY_NEXT.pack_into(
-            self.mm, self.geometry.entry_offset(index) + ENTRY_NEXT_OFFSET, next_index
+            self.mm, self.entries_offset + index * ENTRY_SIZE + ENTRY_NEXT_OFFSET, next_index
         )
 
     def write_head(self, index: int, key: bytes, key_hash: int, next_index: int) -> None:
         """Write a not-yet-committed entry (state FREE, descriptor 0 active).
 
-        The key is zero-padded so lookups compare the whole fixed-size field in one step.
+        The key is zero-padded (by ``struct``) so lookups compare the whole fixed-size field in
+        one step; head and key are one store.
         """
-        offset = self.geometry.entry_offset(index)
-        ENTRY_HEAD.pack_into(self.mm, offset, 0, 0, len(key), next_index, key_hash)
-        self.mm[offset + ENTRY_KEY_OFFSET : offset + ENTRY_KEY_OFFSET + KEY_MAX] = pad_key(key)
+        _HEAD_AND_KEY.pack_into(
+            self.mm,
+            self.entries_offset + index * ENTRY_SIZE,
+            0,
+            0,
+            len(key),
+            next_index,
+            key_hash,
+            key,
+        )
 
     def descriptor(self, index: int, which: int) -> tuple[float, int, int, int]:
         """(expires_at, value_len, first_chunk, crc), with the length checked against capacity."""
         fields: tuple[float, int, int, int] = DESCRIPTOR.unpack_from(
-            self.mm, self.geometry.descriptor_offset(index, which)
+            self.mm, self.entries_offset + index * ENTRY_SIZE + _DESCRIPTORS[which]
         )
-        if fields[1] > self.geometry.data_capacity:
+        if fields[1] > self.data_capacity:
             raise CorruptTable(f"entry {index} claims a {fields[1]}-byte value")
         return fields
 
@@ -244,7 +312,12 @@ class TableMemory:
         self, index: int, which: int, expires_at: float, length: int, first: int, crc: int
     ) -> None:
         DESCRIPTOR.pack_into(
-            self.mm, self.geometry.descriptor_offset(index, which), expires_at, length, first, crc
+            self.mm,
+            self.entries_offset + index * ENTRY_SIZE + _DESCRIPTORS[which],
+            expires_at,
+            length,
+            first,
+            crc,
         )
 
     # -- chunks ---------------------------------------------------------------------------------
@@ -262,12 +335,17 @@ class TableMemory:
             yield chunk
             chunk = links[chunk]
 
-    def chain_length(self, index: int, first: int, length: int) -> int:
-        """How many chunks entry ``index``'s value has, its chain checked (fast for one)."""
-        if length <= self.geometry.chunk_size:
+    def chain_length(self, index: int, first: int, length: int, chunk_hwm: int) -> int:
+        """How many chunks entry ``index``'s value has, its chain checked (fast for one).
+
+        ``chunk_hwm`` is the checked high-water mark the caller already read (:meth:`words`).
+        """
+        if length > self.data_capacity:
+            raise CorruptTable(f"entry {index} claims a {length}-byte value")
+        if length <= self.chunk_size:
             if length == 0:
                 return 0
-            if first >= self.chunk_hwm() or self.owners[first] != index + 1:
+            if first >= chunk_hwm or self.owners[first] != index + 1:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
             return 1
         return sum(1 for _chunk in self.chain(index, first, length))
@@ -302,18 +380,17 @@ class TableMemory:
 
     def write_value(self, first: int, value: bytes) -> None:
         """Copy ``value`` into a chain that was just allocated (so it is trusted)."""
-        geometry = self.geometry
-        size = geometry.chunk_size
+        size = self.chunk_size
         length = len(value)
         if length <= size:
             if length:
-                start = geometry.chunk_offset(first)
+                start = self.chunks_offset + first * size  # Geometry.chunk_offset, inline
                 self.mm[start : start + length] = value
             return
         view = memoryview(value)
         chunk = first
         for position in range(0, length, size):
-            start = geometry.chunk_offset(chunk)
+            start = self.chunks_offset + chunk * size
             piece = view[position : position + size]
             self.mm[start : start + len(piece)] = piece
             chunk = self.links[chunk]

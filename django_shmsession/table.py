@@ -47,7 +47,7 @@ from .layout import (
     NIL,
 )
 from .lock import TableLock
-from .memory import CorruptEntry, TableMemory
+from .memory import CorruptEntry, TableMemory, Words
 from .recovery import RECOVERY_FAULT_POINTS, TableRecovery
 
 __all__ = ["FAULT_POINTS", "CheckReport", "SessionTable", "TableStats", "set_fault_hook"]
@@ -375,7 +375,7 @@ class SessionTable:
             return None
         expires_at, length, first, crc = index.descriptor_of(found, fields)
         if expires_at <= self._clock():
-            self._delete_index(found)
+            self._delete_index(found, fields)
             control[CTL_EXPIRED] += 1
             control[CTL_MISSES] += 1
             return None
@@ -399,7 +399,7 @@ class SessionTable:
         if found == NIL:
             return False
         if index.descriptor_of(found, fields)[0] <= self._clock():
-            self._delete_index(found)
+            self._delete_index(found, fields)
             self._control[CTL_EXPIRED] += 1
             return False
         return True
@@ -409,7 +409,7 @@ class SessionTable:
         if found == NIL:
             return False
         live = index.descriptor_of(found, fields)[0] > self._clock()
-        self._delete_index(found)
+        self._delete_index(found, fields)
         self._control[CTL_DELETES if live else CTL_EXPIRED] += 1
         return live
 
@@ -418,39 +418,44 @@ class SessionTable:
     ) -> bool:
         memory = self._memory
         found, fields = index.find(memory, key, key_hash)
-        chunks = memory.geometry.chunks_for(len(value))
+        size = memory.chunk_size
+        chunks = -(-len(value) // size)  # Geometry.chunks_for, inline (the hot path)
         if found != NIL:
-            descriptor = index.descriptor_of(found, fields)
-            if mode == _ADD and descriptor[0] > self._clock():
+            old_expiry, old_length, _first, _crc = index.descriptor_of(found, fields)
+            if mode == _ADD and old_expiry > self._clock():
                 return False
-            if mode == _REPLACE and descriptor[0] <= self._clock():
-                self._delete_index(found)
+            if mode == _REPLACE and old_expiry <= self._clock():
+                self._delete_index(found, fields)
                 self._control[CTL_EXPIRED] += 1
                 return False
-            old_chunks = memory.geometry.chunks_for(descriptor[1])
-            self._make_room(False, chunks, old_chunks, found)
-            writes.update(memory, self._log, faults.hook, found, value, expires_at, crc)
+            words = self._make_room(False, chunks, -(-old_length // size), found)
+            writes.update(
+                memory, self._log, faults.hook, found, fields, words, value, expires_at, crc
+            )
         elif mode == _REPLACE:
             return False
         else:
-            self._make_room(True, chunks, None, NIL)
-            writes.insert(memory, self._log, faults.hook, key, key_hash, value, expires_at, crc)
+            words = self._make_room(True, chunks, None, NIL)
+            writes.insert(
+                memory, self._log, faults.hook, key, key_hash, words, value, expires_at, crc
+            )
         self._control[CTL_SETS] += 1
         return True
 
-    def _delete_index(self, found: int) -> None:
-        writes.delete(self._memory, self._log, faults.hook, found)
+    def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> None:
+        """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it."""
+        writes.delete(self._memory, self._log, faults.hook, found, fields)
 
-    def _make_room(self, need_entry: bool, chunks: int, old: int | None, protect: int) -> None:
+    def _make_room(self, need_entry: bool, chunks: int, old: int | None, protect: int) -> Words:
         """Reclaim expired entries, then (policy "evict") evict the soonest-expiring ones.
 
         ``old`` is the chunk count of the value an update replaces (None for an insert): an
-        update that does not grow needs only the reserve, so it never evicts or fails.
+        update that does not grow needs only the reserve, so it never evicts or fails. Returns
+        the checked words (:meth:`TableMemory.words`) the write then plans from, read once.
         """
         memory = self._memory
-        geometry = memory.geometry
-        need = eviction.required_chunks(chunks, old, self._reserve, geometry.chunk_capacity)
-        while not eviction.has_room(memory, need_entry, need):
+        words = memory.words()
+        while not eviction.has_room(memory, words, need_entry, chunks, old, self._reserve):
             victim, expired = eviction.pick_victim(
                 memory, protect, self._clock(), self._live_expiry
             )
@@ -459,11 +464,13 @@ class SessionTable:
                 raise TableFull(
                     f"the session table {self.name!r} is full "
                     f"({self._control[CTL_ENTRIES]} entries, "
-                    f"{self._control[CTL_CHUNKS_USED]} of {geometry.chunk_capacity} "
+                    f"{self._control[CTL_CHUNKS_USED]} of {memory.geometry.chunk_capacity} "
                     "chunks used); create a larger table or use the 'evict' full policy"
                 )
             self._delete_index(victim)
             self._control[CTL_EXPIRED if expired else CTL_EVICTIONS] += 1
+            words = memory.words()
+        return words
 
     # -- maintenance ----------------------------------------------------------------------------
 

@@ -16,7 +16,10 @@ Fault points (``faults.hook``) sit before the first and after every store, named
 
 from __future__ import annotations
 
+from typing import Any
+
 from .alloc import (
+    ChunkPlan,
     Hook,
     apply_chunks,
     free_chain,
@@ -27,7 +30,7 @@ from .alloc import (
     undo_take_entry,
 )
 from .exceptions import CorruptTable
-from .index import predecessor
+from .index import descriptor_of, predecessor
 from .intent import Intent, IntentLog
 from .layout import (
     CTL_CHUNK_HWM,
@@ -41,6 +44,10 @@ from .layout import (
     CTL_VALUE_BYTES,
     ENTRY_FREE,
     ENTRY_USED,
+    F_ACTIVE,
+    F_HASH,
+    F_NEXT,
+    F_STATE,
     INTENT_OP_CLEAR,
     INTENT_OP_DELETE,
     INTENT_OP_INSERT,
@@ -48,11 +55,13 @@ from .layout import (
     NIL,
     U32,
 )
-from .memory import TableMemory
+from .memory import TableMemory, Words
 
 __all__ = ["FAULT_POINTS", "clear", "delete", "insert", "recover", "update"]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
+#: How each op changes the entry count (indexed by op; clear is not checked this way).
+_ENTRY_DELTA = (0, 1, 0, -1, 0)
 
 _ALLOC = (
     "after-chunk-owner",
@@ -119,31 +128,49 @@ FAULT_POINTS: tuple[str, ...] = (
 )
 
 
-def _words(memory: TableMemory) -> tuple[int, int, int, int, int, int, int]:
-    """(free entry, entry hwm, free chunk, chunk hwm, entries, chunks used, value bytes): the
-    words any write may change, read and checked once (their old values go in the intent)."""
-    control = memory.control
-    entries, used, value_bytes = memory.counts()
-    return (
-        control[CTL_FREE_ENTRY],
-        memory.entry_hwm(),
-        memory.free_chunk_head(),
-        memory.chunk_hwm(),
-        entries,
-        used,
-        value_bytes,
-    )
+def _record(
+    memory: TableMemory,
+    log: IntentLog,
+    op: int,
+    head: tuple[int, int, int, int, int, int],
+    words: Words,
+    chunks: ChunkPlan,
+    freed: tuple[int, int, int, int],
+) -> Intent:
+    """The intent of an insert, update or delete, refused (before arming) when its new counts
+    could not be stored or make no sense.
 
-
-def _check_counts(memory: TableMemory, intent: Intent, entries_after: int) -> None:
-    """Refuse (before arming) a write whose new counts could not be stored or make no sense."""
+    ``head`` is (old_active, from_hwm, entry, bucket, pred, succ), ``words`` the checked
+    :meth:`TableMemory.words`, ``chunks`` the allocation plan, ``freed`` (freed_first,
+    freed_count, length, old_length). Positional (tuple.__new__): a keyword NamedTuple costs
+    microseconds on this hot path, and the counts are checked here from locals, not through
+    the intent's properties.
+    """
+    free_entry, _free_chunk, entry_hwm, _chunk_hwm, entries, used, value_bytes = words
+    _first, freed_count, length, old_length = freed
     geometry = memory.geometry
     if not (
-        0 <= entries_after <= geometry.entry_capacity
-        and 0 <= intent.chunks_used_after <= geometry.chunk_capacity
-        and 0 <= intent.value_bytes_after <= geometry.data_capacity
+        0 <= entries + _ENTRY_DELTA[op] <= geometry.entry_capacity
+        and 0 <= used + chunks[0] - freed_count <= geometry.chunk_capacity
+        and 0 <= value_bytes + length - old_length <= memory.data_capacity
     ):
         raise CorruptTable("the entry, chunk or value-byte count is impossible")
+    return Intent._make(
+        (
+            log.next_seq(),
+            op,
+            *head,
+            free_entry,
+            entry_hwm,
+            *chunks,
+            *freed,
+            entries,
+            used,
+            value_bytes,
+            0,  # deletes (clear only)
+            0,  # generation (clear only)
+        )
+    )
 
 
 # -- insert -------------------------------------------------------------------------------------
@@ -155,48 +182,29 @@ def insert(
     hook: Hook,
     key: bytes,
     key_hash: int,
+    words: Words,
     value: bytes,
     expires_at: float,
     crc: int,
 ) -> int:
-    """Add a new entry for ``key`` (the caller made room); returns its index."""
-    index, from_hwm, succ = plan_entry(memory)
-    count = memory.geometry.chunks_for(len(value))
-    plan = plan_chunks(memory, count)
-    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
-    # Positional (tuple.__new__): a keyword NamedTuple costs microseconds on this hot path.
-    intent = Intent._make(
-        (
-            log.next_seq(),
-            INTENT_OP_INSERT,
-            0,  # old_active
-            from_hwm,
-            index,
-            key_hash & memory.mask,  # bucket
-            NIL,  # pred
-            succ,
-            free_entry,
-            entry_hwm,
-            count,
-            plan.stack_taken,
-            plan.last_stack,
-            plan.last_link,
-            free_chunk,
-            plan.new_head,  # free_chunk_mid
-            chunk_hwm,
-            plan.first,
-            NIL,  # freed_first
-            0,  # freed_count
-            len(value),
-            0,  # old_length
-            entries,
-            used,
-            value_bytes,
-            0,  # deletes
-            0,  # generation
-        )
+    """Add a new entry for ``key``; returns its index.
+
+    The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
+    """
+    index, from_hwm, succ = plan_entry(memory, words[0], words[2])
+    length = len(value)
+    count = -(-length // memory.chunk_size)  # Geometry.chunks_for, inline
+    plan = plan_chunks(memory, count, words[1], words[3])
+    bucket = key_hash & memory.mask
+    intent = _record(
+        memory,
+        log,
+        INTENT_OP_INSERT,
+        (0, from_hwm, index, bucket, NIL, succ),  # old_active, from_hwm, entry, bucket, pred, succ
+        words,
+        plan,
+        (NIL, 0, length, 0),  # freed_first, freed_count, length, old_length
     )
-    _check_counts(memory, intent, intent.entries + 1)
     if from_hwm:
         # A slot above the mark may hold a committed entry from before clear(); it is unused,
         # so this store needs no undo, and after it ``state == used`` means "committed".
@@ -208,13 +216,14 @@ def insert(
         hook("insert:after-arm")
     apply_chunks(memory, intent, hook, "insert")
     take_entry(memory, intent, hook, "insert")
-    memory.write_value(plan.first, value)
+    first = intent.first
+    memory.write_value(first, value)
     if hook is not None:
         hook("insert:after-value")
-    memory.write_head(index, key, key_hash, memory.buckets[intent.bucket])
+    memory.write_head(index, key, key_hash, memory.buckets[bucket])
     if hook is not None:
         hook("insert:after-head")
-    memory.write_descriptor(index, 0, expires_at, len(value), plan.first, crc)
+    memory.write_descriptor(index, 0, expires_at, length, first, crc)
     if hook is not None:
         hook("insert:after-descriptor")
     memory.set_state(index, ENTRY_USED)  # commit
@@ -252,59 +261,45 @@ def update(
     log: IntentLog,
     hook: Hook,
     index: int,
+    fields: tuple[Any, ...],
+    words: Words,
     value: bytes,
     expires_at: float,
     crc: int,
 ) -> None:
-    """Give entry ``index`` a new value and expiry (the caller made room)."""
-    active = memory.active(index)
-    _expiry, old_length, old_first, _crc = memory.descriptor(index, active)
-    freed = memory.chain_length(index, old_first, old_length)  # checked
-    count = memory.geometry.chunks_for(len(value))
-    plan = plan_chunks(memory, count)
-    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
-    intent = Intent._make(
-        (
-            log.next_seq(),
-            INTENT_OP_UPDATE,
-            active,  # old_active
-            0,  # from_hwm
-            index,
-            0,  # bucket
-            NIL,  # pred
-            NIL,  # succ
-            free_entry,
-            entry_hwm,
-            count,
-            plan.stack_taken,
-            plan.last_stack,
-            plan.last_link,
-            free_chunk,
-            plan.new_head,  # free_chunk_mid
-            chunk_hwm,
-            plan.first,
-            old_first if freed else NIL,  # freed_first
-            freed,
-            len(value),
-            old_length,
-            entries,
-            used,
-            value_bytes,
-            0,  # deletes
-            0,  # generation
-        )
+    """Give entry ``index`` a new value and expiry.
+
+    The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
+    ``fields`` is the entry as the lookup unpacked it under this lock hold: its ``active`` and
+    descriptors are still current (making room deletes *other* entries, which can change only
+    this entry's chain link), so they are not read again.
+    """
+    active = fields[F_ACTIVE]
+    _expiry, old_length, old_first, _crc = descriptor_of(index, fields)
+    freed = memory.chain_length(index, old_first, old_length, words[3])  # checked
+    length = len(value)
+    count = -(-length // memory.chunk_size)  # Geometry.chunks_for, inline
+    plan = plan_chunks(memory, count, words[1], words[3])
+    intent = _record(
+        memory,
+        log,
+        INTENT_OP_UPDATE,
+        (active, 0, index, 0, NIL, NIL),  # old_active, from_hwm, entry, bucket, pred, succ
+        words,
+        plan,
+        (old_first if freed else NIL, freed, length, old_length),
     )
-    _check_counts(memory, intent, intent.entries)
     if hook is not None:
         hook("update:before-arm")
     log.arm(intent)
     if hook is not None:
         hook("update:after-arm")
     apply_chunks(memory, intent, hook, "update")
-    memory.write_value(plan.first, value)
+    first = intent.first
+    memory.write_value(first, value)
     if hook is not None:
         hook("update:after-value")
-    memory.write_descriptor(index, 1 - active, expires_at, len(value), plan.first, crc)
+    memory.write_descriptor(index, 1 - active, expires_at, length, first, crc)
     if hook is not None:
         hook("update:after-descriptor")
     memory.set_active(index, 1 - active)  # commit
@@ -329,53 +324,38 @@ def _finish_update(memory: TableMemory, intent: Intent, hook: Hook, step: str) -
 # -- delete -------------------------------------------------------------------------------------
 
 
-def delete(memory: TableMemory, log: IntentLog, hook: Hook, index: int) -> int:
-    """Remove entry ``index`` (which must be used); returns the length of its value."""
-    state, active, _key_len, succ, key_hash = memory.head(index)
-    if state != ENTRY_USED:
+def delete(
+    memory: TableMemory,
+    log: IntentLog,
+    hook: Hook,
+    index: int,
+    fields: tuple[Any, ...] | None = None,
+) -> int:
+    """Remove entry ``index`` (which must be used); returns the length of its value.
+
+    ``fields`` is the entry as a lookup just unpacked it (read here when not given).
+    """
+    if fields is None:
+        fields = memory.entry(index)
+    if fields[F_STATE] != ENTRY_USED:
         raise CorruptTable(f"entry {index} is not in use")
-    if active > 1:
-        raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
-    _expiry, length, first, _crc = memory.descriptor(index, active)
-    freed = memory.chain_length(index, first, length)  # checked
-    bucket = key_hash & memory.mask
+    _expiry, length, first, _crc = descriptor_of(index, fields)  # active checked
+    words = memory.words()
+    freed = memory.chain_length(index, first, length, words[3])  # checked
+    bucket = fields[F_HASH] & memory.mask
     pred = predecessor(memory, bucket, index)
-    if succ != NIL and succ >= memory.entry_hwm():
+    succ = fields[F_NEXT]
+    if succ != NIL and succ >= words[2]:
         raise CorruptTable(f"entry {index} links to entry {succ}, out of range")
-    free_entry, entry_hwm, free_chunk, chunk_hwm, entries, used, value_bytes = _words(memory)
-    memory.free_entry_head()  # checked: it becomes this entry's stack link
-    intent = Intent._make(
-        (
-            log.next_seq(),
-            INTENT_OP_DELETE,
-            active,  # old_active
-            0,  # from_hwm
-            index,
-            bucket,
-            pred,
-            succ,
-            free_entry,
-            entry_hwm,
-            0,  # chunks
-            0,  # stack_taken
-            NIL,  # last_stack
-            NIL,  # last_link
-            free_chunk,
-            free_chunk,  # free_chunk_mid: nothing is allocated
-            chunk_hwm,
-            NIL,  # first
-            first if freed else NIL,  # freed_first
-            freed,
-            0,  # length
-            length,  # old_length
-            entries,
-            used,
-            value_bytes,
-            0,  # deletes
-            0,  # generation
-        )
+    intent = _record(
+        memory,
+        log,
+        INTENT_OP_DELETE,
+        (fields[F_ACTIVE], 0, index, bucket, pred, succ),
+        words,
+        plan_chunks(memory, 0, words[1], words[3]),  # nothing is allocated
+        (first if freed else NIL, freed, 0, length),  # freed_first, freed_count, length, old
     )
-    _check_counts(memory, intent, intent.entries - 1)
     if hook is not None:
         hook("delete:before-arm")
     log.arm(intent)
