@@ -65,6 +65,11 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
     if count == 0:
         return 0, 0, NIL, NIL, head, head, hwm, NIL
     links, owners = memory.links, memory.owners
+    if count == 1 and head != NIL and head < hwm and owners[head] == 0:
+        # The usual case (a small value, a chunk on the stack): the loop below, unrolled.
+        following = links[head]
+        if following == NIL or following < hwm:
+            return 1, 1, head, following, head, following, hwm, head
     seen: set[int] | None = None if count == 1 else set()
     taken, last, chunk = 0, NIL, head
     while taken < count and chunk != NIL:
@@ -83,12 +88,14 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
     return count, taken, last, chunk, head, chunk, hwm, head
 
 
-def take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+def take_entry(
+    memory: TableMemory, hook: Hook, step: str, index: int, from_hwm: int, succ: int
+) -> None:
     """Pop the planned entry off the free stack, or raise the entry high-water mark over it."""
-    if intent.from_hwm:
-        memory.control[CTL_ENTRY_HWM] = intent.entry + 1
+    if from_hwm:
+        memory.control[CTL_ENTRY_HWM] = index + 1
     else:
-        memory.control[CTL_FREE_ENTRY] = intent.succ
+        memory.control[CTL_FREE_ENTRY] = succ
     if hook is not None:
         hook(f"{step}:after-take-entry")
 
@@ -106,23 +113,27 @@ def undo_take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) 
         hook(f"{step}:after-undo-take-entry")
 
 
-def apply_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
-    """Take the planned chunks for ``intent.entry``: owners, the one link, then the words."""
-    count = intent.chunks
+def apply_chunks(
+    memory: TableMemory, hook: Hook, step: str, index: int, plan: ChunkPlan, chunks_used: int
+) -> None:
+    """Take the planned chunks for entry ``index``: owners, the one link, then the words.
+
+    ``plan`` is exactly what the intent records (:func:`plan_chunks`), ``chunks_used`` the
+    recorded old count, so the undo puts back what this overwrites.
+    """
+    count, taken, last_stack, _last_link, chunk, free_mid, hwm, _first = plan
     if count == 0:
         return
     control, links, owners = memory.control, memory.links, memory.owners
-    tag = intent.entry + 1
-    chunk = intent.free_chunk
-    for _ in range(intent.stack_taken):
+    tag = index + 1
+    for _ in range(taken):
         owners[chunk] = tag
         if hook is not None:
             hook(f"{step}:after-chunk-owner")
         chunk = links[chunk]
-    hwm = intent.chunk_hwm
-    end = hwm + count - intent.stack_taken
-    if intent.stack_taken:
-        links[intent.last_stack] = hwm if end > hwm else NIL
+    end = hwm + count - taken
+    if taken:
+        links[last_stack] = hwm if end > hwm else NIL
         if hook is not None:
             hook(f"{step}:after-chunk-link")
     for chunk in range(hwm, end):
@@ -132,13 +143,13 @@ def apply_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> 
         links[chunk] = chunk + 1 if chunk + 1 < end else NIL
         if hook is not None:
             hook(f"{step}:after-fresh-link")
-    control[CTL_FREE_CHUNK] = intent.free_chunk_mid
+    control[CTL_FREE_CHUNK] = free_mid
     if hook is not None:
         hook(f"{step}:after-free-chunk")
     control[CTL_CHUNK_HWM] = end
     if hook is not None:
         hook(f"{step}:after-chunk-hwm")
-    control[CTL_CHUNKS_USED] = intent.chunks_used + count
+    control[CTL_CHUNKS_USED] = chunks_used + count
     if hook is not None:
         hook(f"{step}:after-chunks-used")
 

@@ -12,6 +12,8 @@ from typing import Any
 
 from .exceptions import CorruptTable
 from .layout import (
+    ENTRY,
+    ENTRY_SIZE,
     ENTRY_USED,
     F_ACTIVE,
     F_DESCRIPTOR_FIELDS,
@@ -38,13 +40,13 @@ def find(memory: TableMemory, key: bytes, key_hash: int) -> tuple[int, tuple[Any
     key_len = len(key)
     padded = pad_key(key)
     hwm = memory.entry_hwm()
-    entry = memory.entry
-    for _ in range(hwm + 1):
-        if index == NIL:
-            return NIL, ()
+    # memory.entry(index) without the call: this loop is every operation's hot path.
+    unpack, mm, base = ENTRY.unpack_from, memory.mm, memory.entries_offset
+    steps = 0  # a chain longer than the hwm has a cycle (counted: no range() per lookup)
+    while index != NIL and steps <= hwm:
         if index >= hwm:
             raise CorruptTable(f"bucket {bucket} links to entry {index} beyond {hwm}")
-        fields = entry(index)
+        fields = unpack(mm, base + index * ENTRY_SIZE)
         if (
             fields[F_HASH] == key_hash
             and fields[F_KEY] == padded
@@ -55,6 +57,9 @@ def find(memory: TableMemory, key: bytes, key_hash: int) -> tuple[int, tuple[Any
         if fields[F_HASH] & mask != bucket and fields[F_STATE] == ENTRY_USED:
             raise CorruptTable(f"entry {index} is chained in the wrong bucket")
         index = fields[F_NEXT]
+        steps += 1
+    if index == NIL:
+        return NIL, ()
     raise CorruptTable(f"bucket {bucket} has a cycle")
 
 

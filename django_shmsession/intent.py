@@ -161,15 +161,17 @@ class IntentLog:
         seq: int = (self._seq[0] + 1) & 0xFFFFFFFFFFFFFFFF
         return seq or 1
 
-    def arm(self, intent: Intent) -> None:
-        """Write the record, then arm it with one store: a half-written record is never armed.
+    def arm(self, record: tuple[int, ...]) -> None:
+        """Write the record (an :class:`Intent` or a plain tuple of its fields), then arm it
+        with one store: a half-written record is never armed.
 
-        (``pack`` then one slice store is faster than ``pack_into`` with 27 unpacked fields.)
+        (``pack`` of a plain tuple then one slice store is the fastest way to write it:
+        ``pack_into`` with 27 unpacked fields, or unpacking a tuple subclass, costs more.)
         """
-        body = INTENT_BODY.pack(*intent)
+        body = INTENT_BODY.pack(*record)
         self._mm[INTENT_BODY_OFFSET : INTENT_BODY_OFFSET + INTENT_BODY.size] = body
         self._crc[0] = zlib.crc32(body)
-        self._armed[0] = intent[0]
+        self._armed[0] = record[0]
 
     def disarm(self) -> None:
         self._armed[0] = 0

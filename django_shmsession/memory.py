@@ -105,6 +105,8 @@ class TableMemory:
         self.links = self.u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
         self.owners = self.u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
         self.mask = geometry.bucket_count - 1
+        self._write_words = self.control[_WORDS_SLICE]  # a view: no slice per write
+        self._capacities = geometry.entry_capacity, geometry.chunk_capacity
         self.entries_offset = geometry.entries_offset
         self.chunks_offset = geometry.chunks_offset
         self.chunk_size = geometry.chunk_size
@@ -123,7 +125,8 @@ class TableMemory:
 
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""
-        for view in (self.control, self.buckets, self.links, self.owners, self._whole):
+        views = (self._write_words, self.control, self.buckets, self.links, self.owners)
+        for view in (*views, self._whole):
             view.release()
 
     # -- counters -------------------------------------------------------------------------------
@@ -156,16 +159,16 @@ class TableMemory:
         checks as :meth:`free_entry_head`, :meth:`free_chunk_head`, the hwm readers and
         :meth:`counts`): a write reads them once, plans from them and records their old values.
         """
-        words = self.control[_WORDS_SLICE].tolist()
+        words = self._write_words.tolist()
         free_entry, free_chunk, entry_hwm, chunk_hwm, entries, used, value_bytes = words
-        geometry = self.geometry
+        entry_capacity, chunk_capacity = self._capacities
         if not (
-            entry_hwm <= geometry.entry_capacity
-            and chunk_hwm <= geometry.chunk_capacity
-            and (free_entry == NIL or free_entry < entry_hwm)
-            and (free_chunk == NIL or free_chunk < chunk_hwm)
-            and entries <= geometry.entry_capacity
-            and used <= geometry.chunk_capacity
+            entry_hwm <= entry_capacity
+            and chunk_hwm <= chunk_capacity
+            and (free_entry < entry_hwm or free_entry == NIL)
+            and (free_chunk < chunk_hwm or free_chunk == NIL)
+            and entries <= entry_capacity
+            and used <= chunk_capacity
             and value_bytes <= self.data_capacity
         ):
             self._raise_bad_words()

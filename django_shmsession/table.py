@@ -43,6 +43,7 @@ from .layout import (
     CTL_VALUE_BYTES,
     DEFAULT_CHUNK_SIZE,
     ENTRY_USED,
+    F_ACTIVE,
     KEY_MAX,
     NIL,
 )
@@ -194,6 +195,11 @@ class SessionTable:
     def created(self) -> bool:
         """True when this handle created (and initialized) the segment."""
         return self._segment.created
+
+    @property
+    def pair(self) -> segment.PairIdentity:
+        """The (segment, semaphore) identities this handle maps, as verified when it opened."""
+        return self._segment.pair
 
     @property
     def max_value_size(self) -> int:
@@ -416,28 +422,34 @@ class SessionTable:
     def _write(
         self, key: bytes, key_hash: int, value: bytes, expires_at: float, crc: int, mode: int
     ) -> bool:
+        """Decide (insert, update or nothing), make room, then write."""
         memory = self._memory
         found, fields = index.find(memory, key, key_hash)
         size = memory.chunk_size
         chunks = -(-len(value) // size)  # Geometry.chunks_for, inline (the hot path)
+        old_chunks: int | None = None  # an insert
         if found != NIL:
-            old_expiry, old_length, _first, _crc = index.descriptor_of(found, fields)
-            if mode == _ADD and old_expiry > self._clock():
+            old = index.descriptor_of(found, fields)  # (expires_at, length, first, crc)
+            if mode == _ADD and old[0] > self._clock():
                 return False
-            if mode == _REPLACE and old_expiry <= self._clock():
+            if mode == _REPLACE and old[0] <= self._clock():
                 self._delete_index(found, fields)
                 self._control[CTL_EXPIRED] += 1
                 return False
-            words = self._make_room(False, chunks, -(-old_length // size), found)
-            writes.update(
-                memory, self._log, faults.hook, found, fields, words, value, expires_at, crc
-            )
+            old_chunks = -(-old[1] // size)
         elif mode == _REPLACE:
             return False
-        else:
-            words = self._make_room(True, chunks, None, NIL)
+        words = memory.words()
+        if not eviction.has_room(memory, words, found == NIL, chunks, old_chunks, self._reserve):
+            words = self._make_room(found == NIL, chunks, old_chunks, found)
+        if found == NIL:
             writes.insert(
                 memory, self._log, faults.hook, key, key_hash, words, value, expires_at, crc
+            )
+        else:
+            active = fields[F_ACTIVE]
+            writes.update(
+                memory, self._log, faults.hook, found, active, old, words, value, expires_at, crc
             )
         self._control[CTL_SETS] += 1
         return True
@@ -451,7 +463,8 @@ class SessionTable:
 
         ``old`` is the chunk count of the value an update replaces (None for an insert): an
         update that does not grow needs only the reserve, so it never evicts or fails. Returns
-        the checked words (:meth:`TableMemory.words`) the write then plans from, read once.
+        the checked words (:meth:`TableMemory.words`) the write then plans from. Called only
+        when :func:`eviction.has_room` said no, so the common case costs no call here.
         """
         memory = self._memory
         words = memory.words()

@@ -128,6 +128,12 @@ FAULT_POINTS: tuple[str, ...] = (
 )
 
 
+#: (entries, chunks used, value bytes) after a write: what its last stores set.
+Counts = tuple[int, int, int]
+#: (first chunk, chunk count, free-stack head to push them on) of a chain a write frees.
+Freed = tuple[int, int, int]
+
+
 def _record(
     memory: TableMemory,
     log: IntentLog,
@@ -136,40 +142,71 @@ def _record(
     words: Words,
     chunks: ChunkPlan,
     freed: tuple[int, int, int, int],
-) -> Intent:
-    """The intent of an insert, update or delete, refused (before arming) when its new counts
-    could not be stored or make no sense.
+) -> tuple[tuple[int, ...], Counts]:
+    """The intent record (``INTENT_BODY`` fields, in order) of an insert, update or delete, and
+    the counts it implies; refused, before arming, when they could not be stored.
 
     ``head`` is (old_active, from_hwm, entry, bucket, pred, succ), ``words`` the checked
     :meth:`TableMemory.words`, ``chunks`` the allocation plan, ``freed`` (freed_first,
-    freed_count, length, old_length). Positional (tuple.__new__): a keyword NamedTuple costs
-    microseconds on this hot path, and the counts are checked here from locals, not through
-    the intent's properties.
+    freed_count, length, old_length). A plain tuple, not an :class:`Intent`: packing a tuple
+    subclass is twice as slow, and the write's stores take these same values as arguments
+    (recovery passes the fields of the :class:`Intent` it reads back).
     """
+    # Flat unpacking and one tuple display: star-unpacking into the record costs twice as much.
+    old_active, from_hwm, entry, bucket, pred, succ = head
     free_entry, _free_chunk, entry_hwm, _chunk_hwm, entries, used, value_bytes = words
-    _first, freed_count, length, old_length = freed
+    count, taken, last_stack, last_link, free_chunk, free_mid, chunk_hwm, first = chunks
+    freed_first, freed_count, length, old_length = freed
+    counts = (
+        entries + _ENTRY_DELTA[op],
+        used + count - freed_count,
+        value_bytes + length - old_length,
+    )
     geometry = memory.geometry
     if not (
-        0 <= entries + _ENTRY_DELTA[op] <= geometry.entry_capacity
-        and 0 <= used + chunks[0] - freed_count <= geometry.chunk_capacity
-        and 0 <= value_bytes + length - old_length <= memory.data_capacity
+        0 <= counts[0] <= geometry.entry_capacity
+        and 0 <= counts[1] <= geometry.chunk_capacity
+        and 0 <= counts[2] <= memory.data_capacity
     ):
         raise CorruptTable("the entry, chunk or value-byte count is impossible")
-    return Intent._make(
-        (
-            log.next_seq(),
-            op,
-            *head,
-            free_entry,
-            entry_hwm,
-            *chunks,
-            *freed,
-            entries,
-            used,
-            value_bytes,
-            0,  # deletes (clear only)
-            0,  # generation (clear only)
-        )
+    record = (
+        log.next_seq(),
+        op,
+        old_active,
+        from_hwm,
+        entry,
+        bucket,
+        pred,
+        succ,
+        free_entry,
+        entry_hwm,
+        count,
+        taken,
+        last_stack,
+        last_link,
+        free_chunk,
+        free_mid,
+        chunk_hwm,
+        first,
+        freed_first,
+        freed_count,
+        length,
+        old_length,
+        entries,
+        used,
+        value_bytes,
+        0,  # deletes (clear only)
+        0,  # generation (clear only)
+    )
+    return record, counts
+
+
+def _counts_after(intent: Intent) -> Counts:
+    """The counts a recorded insert, update or delete sets (what :func:`_record` computed)."""
+    return (
+        intent.entries + _ENTRY_DELTA[intent.op],
+        intent.chunks_used_after,
+        intent.value_bytes_after,
     )
 
 
@@ -196,7 +233,7 @@ def insert(
     count = -(-length // memory.chunk_size)  # Geometry.chunks_for, inline
     plan = plan_chunks(memory, count, words[1], words[3])
     bucket = key_hash & memory.mask
-    intent = _record(
+    record, counts = _record(
         memory,
         log,
         INTENT_OP_INSERT,
@@ -211,12 +248,12 @@ def insert(
         memory.set_state(index, ENTRY_FREE)
     if hook is not None:
         hook("insert:before-arm")
-    log.arm(intent)
+    log.arm(record)
     if hook is not None:
         hook("insert:after-arm")
-    apply_chunks(memory, intent, hook, "insert")
-    take_entry(memory, intent, hook, "insert")
-    first = intent.first
+    apply_chunks(memory, hook, "insert", index, plan, words[5])
+    take_entry(memory, hook, "insert", index, from_hwm, succ)
+    first = plan[7]
     memory.write_value(first, value)
     if hook is not None:
         hook("insert:after-value")
@@ -229,21 +266,23 @@ def insert(
     memory.set_state(index, ENTRY_USED)  # commit
     if hook is not None:
         hook("insert:after-commit")
-    _finish_insert(memory, intent, hook, "insert")
+    _finish_insert(memory, hook, "insert", bucket, index, counts)
     log.disarm()
     if hook is not None:
         hook("insert:after-disarm")
     return index
 
 
-def _finish_insert(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
-    memory.buckets[intent.bucket] = intent.entry
+def _finish_insert(
+    memory: TableMemory, hook: Hook, step: str, bucket: int, index: int, counts: Counts
+) -> None:
+    memory.buckets[bucket] = index
     if hook is not None:
         hook(f"{step}:after-bucket")
-    memory.control[CTL_ENTRIES] = intent.entries + 1
+    memory.control[CTL_ENTRIES] = counts[0]
     if hook is not None:
         hook(f"{step}:after-entries")
-    memory.control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    memory.control[CTL_VALUE_BYTES] = counts[2]
     if hook is not None:
         hook(f"{step}:after-value-bytes")
 
@@ -261,7 +300,8 @@ def update(
     log: IntentLog,
     hook: Hook,
     index: int,
-    fields: tuple[Any, ...],
+    active: int,
+    old: tuple[float, int, int, int],
     words: Words,
     value: bytes,
     expires_at: float,
@@ -270,32 +310,32 @@ def update(
     """Give entry ``index`` a new value and expiry.
 
     The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
-    ``fields`` is the entry as the lookup unpacked it under this lock hold: its ``active`` and
-    descriptors are still current (making room deletes *other* entries, which can change only
-    this entry's chain link), so they are not read again.
+    ``active`` (checked) and ``old``, its live descriptor, are the entry as the lookup read it
+    under this lock hold: still current (making room deletes *other* entries, which can change
+    only this entry's chain link), so they are not read again.
     """
-    active = fields[F_ACTIVE]
-    _expiry, old_length, old_first, _crc = descriptor_of(index, fields)
+    _expiry, old_length, old_first, _crc = old
     freed = memory.chain_length(index, old_first, old_length, words[3])  # checked
+    freed_first = old_first if freed else NIL
     length = len(value)
     count = -(-length // memory.chunk_size)  # Geometry.chunks_for, inline
     plan = plan_chunks(memory, count, words[1], words[3])
-    intent = _record(
+    record, counts = _record(
         memory,
         log,
         INTENT_OP_UPDATE,
         (active, 0, index, 0, NIL, NIL),  # old_active, from_hwm, entry, bucket, pred, succ
         words,
         plan,
-        (old_first if freed else NIL, freed, length, old_length),
+        (freed_first, freed, length, old_length),
     )
     if hook is not None:
         hook("update:before-arm")
-    log.arm(intent)
+    log.arm(record)
     if hook is not None:
         hook("update:after-arm")
-    apply_chunks(memory, intent, hook, "update")
-    first = intent.first
+    apply_chunks(memory, hook, "update", index, plan, words[5])
+    first = plan[7]
     memory.write_value(first, value)
     if hook is not None:
         hook("update:after-value")
@@ -305,18 +345,20 @@ def update(
     memory.set_active(index, 1 - active)  # commit
     if hook is not None:
         hook("update:after-commit")
-    _finish_update(memory, intent, hook, "update")
+    _finish_update(memory, hook, "update", (freed_first, freed, plan[5]), counts)
     log.disarm()
     if hook is not None:
         hook("update:after-disarm")
 
 
-def _finish_update(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
-    free_chain(memory, intent.freed_first, intent.freed_count, intent.free_chunk_mid, hook, step)
-    memory.control[CTL_CHUNKS_USED] = intent.chunks_used_after
+def _finish_update(
+    memory: TableMemory, hook: Hook, step: str, freed: Freed, counts: Counts
+) -> None:
+    free_chain(memory, *freed, hook, step)
+    memory.control[CTL_CHUNKS_USED] = counts[1]
     if hook is not None:
         hook(f"{step}:after-chunks-used-final")
-    memory.control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    memory.control[CTL_VALUE_BYTES] = counts[2]
     if hook is not None:
         hook(f"{step}:after-value-bytes")
 
@@ -342,53 +384,73 @@ def delete(
     _expiry, length, first, _crc = descriptor_of(index, fields)  # active checked
     words = memory.words()
     freed = memory.chain_length(index, first, length, words[3])  # checked
+    freed_first = first if freed else NIL
     bucket = fields[F_HASH] & memory.mask
     pred = predecessor(memory, bucket, index)
     succ = fields[F_NEXT]
     if succ != NIL and succ >= words[2]:
         raise CorruptTable(f"entry {index} links to entry {succ}, out of range")
-    intent = _record(
+    record, counts = _record(
         memory,
         log,
         INTENT_OP_DELETE,
         (fields[F_ACTIVE], 0, index, bucket, pred, succ),
         words,
         plan_chunks(memory, 0, words[1], words[3]),  # nothing is allocated
-        (first if freed else NIL, freed, 0, length),  # freed_first, freed_count, length, old
+        (freed_first, freed, 0, length),  # freed_first, freed_count, length, old_length
     )
     if hook is not None:
         hook("delete:before-arm")
-    log.arm(intent)
+    log.arm(record)
     if hook is not None:
         hook("delete:after-arm")
     memory.set_state(index, ENTRY_FREE)  # commit
     if hook is not None:
         hook("delete:after-commit")
-    _finish_delete(memory, intent, hook, "delete")
+    _finish_delete(
+        memory,
+        hook,
+        "delete",
+        (bucket, pred, succ),
+        index,
+        words[0],
+        (freed_first, freed, words[1]),
+        counts,
+    )
     log.disarm()
     if hook is not None:
         hook("delete:after-disarm")
     return length
 
 
-def _finish_delete(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
+def _finish_delete(
+    memory: TableMemory,
+    hook: Hook,
+    step: str,
+    unlink: tuple[int, int, int],
+    index: int,
+    free_entry: int,
+    freed: Freed,
+    counts: Counts,
+) -> None:
+    """Unlink ``index`` (``unlink`` is its bucket, predecessor and successor), free its chain,
+    push it on the free-entry stack whose head was ``free_entry``, store the counts."""
     control = memory.control
-    if intent.pred == NIL:
-        memory.buckets[intent.bucket] = intent.succ
+    bucket, pred, succ = unlink
+    if pred == NIL:
+        memory.buckets[bucket] = succ
     else:
-        memory.set_next(intent.pred, intent.succ)
+        memory.set_next(pred, succ)
     if hook is not None:
         hook(f"{step}:after-unlink")
-    free_chain(memory, intent.freed_first, intent.freed_count, intent.free_chunk_mid, hook, step)
-    memory.set_next(intent.entry, intent.free_entry)
+    free_chain(memory, *freed, hook, step)
+    memory.set_next(index, free_entry)
     if hook is not None:
         hook(f"{step}:after-entry-link")
-    control[CTL_FREE_ENTRY] = intent.entry
+    control[CTL_FREE_ENTRY] = index
     if hook is not None:
         hook(f"{step}:after-free-entry")
-    control[CTL_ENTRIES] = intent.entries - 1
-    control[CTL_CHUNKS_USED] = intent.chunks_used_after
-    control[CTL_VALUE_BYTES] = intent.value_bytes_after
+    control[CTL_ENTRIES], control[CTL_CHUNKS_USED], control[CTL_VALUE_BYTES] = counts
     if hook is not None:
         hook(f"{step}:after-counts")
 
@@ -493,22 +555,27 @@ def recover(memory: TableMemory, intent: Intent, hook: Hook) -> bool:
         _finish_clear(memory, intent, hook, step)
         return True
     state = memory.state(intent.entry)
+    counts = _counts_after(intent)
+    freed = (intent.freed_first, intent.freed_count, intent.free_chunk_mid)
     if op == INTENT_OP_INSERT:
         if state == ENTRY_USED:
-            _finish_insert(memory, intent, hook, step)
+            _finish_insert(memory, hook, step, intent.bucket, intent.entry, counts)
             return True
         _undo_insert(memory, intent, hook, step)
         return False
     if op == INTENT_OP_DELETE:
         if state == ENTRY_FREE:
-            _finish_delete(memory, intent, hook, step)
+            unlink = (intent.bucket, intent.pred, intent.succ)
+            _finish_delete(
+                memory, hook, step, unlink, intent.entry, intent.free_entry, freed, counts
+            )
             return True
         return False  # nothing is stored before a delete's commit
     active = memory.active(intent.entry)
     if state != ENTRY_USED:
         raise CorruptTable(f"the entry {intent.entry} of an interrupted update is not in use")
     if active != intent.old_active:
-        _finish_update(memory, intent, hook, step)
+        _finish_update(memory, hook, step, freed, counts)
         return True
     undo_chunks(memory, intent, hook, step)
     return False
