@@ -136,7 +136,7 @@ def apply_chunks(
         links[last_stack] = hwm if end > hwm else NIL
         if hook is not None:
             hook(f"{step}:after-chunk-link")
-    for chunk in range(hwm, end):
+    for chunk in range(hwm, end) if end > hwm else ():  # usually none: no empty range built
         owners[chunk] = tag
         if hook is not None:
             hook(f"{step}:after-fresh-owner")

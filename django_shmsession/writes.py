@@ -4,10 +4,12 @@ Every write has the same shape: plan (reads and checks only, so CorruptTable com
 anything is stored), arm the intent, the pre-commit stores, **the commit** (one byte: an
 entry's ``state`` for inserts and deletes, its ``active`` descriptor for updates; arming itself
 for clear), the post-commit stores, disarm. The post-commit stores are functions of the intent
-alone (``_finish_*``), so recovery after the commit calls the very same functions; before the
-commit it calls ``_undo_*``, which puts back the old values recorded in the intent. Whether the
-commit happened is read from the commit byte itself, which is also what a full rebuild trusts:
-so recovery and rebuild always agree on which entries are live.
+alone (``_finish_*``, which take the recorded values as arguments: the write passes those it
+recorded, recovery those of the record it reads back), so recovery after the commit calls the
+very same functions; before the commit it calls ``_undo_*``, which puts back the old values
+recorded in the intent. Whether the commit happened is read from the commit byte itself, which
+is also what a full rebuild trusts: so recovery and rebuild always agree on which entries are
+live.
 
 Fault points (``faults.hook``) sit before the first and after every store, named
 ``"<write>:<before|after>-<store>"``; recovery's are ``"recover-<write>:..."`` (see
