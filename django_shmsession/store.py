@@ -108,10 +108,7 @@ def _refresh() -> SessionTable:
 def pair_of(table: SessionTable) -> PairIdentity:
     """The pair a handle maps, as its segment verified it when opening (never by a later stat,
     which could name a newer pair than the one the handle holds)."""
-    pair = getattr(table, "pair", None)
-    if isinstance(pair, PairIdentity):
-        return pair
-    return table._segment.pair  # a SessionTable without the ``pair`` property
+    return table.pair
 
 
 def _what_changed(old: PairIdentity | None, new: PairIdentity | None) -> str:

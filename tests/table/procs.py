@@ -86,12 +86,17 @@ def _run_reporting(target: Callable[..., Any], conn: Conn, *args: Any) -> None:
         raise
 
 
-def kill_self_at(point: str) -> None:
-    """Install a fault hook that SIGKILLs this process when a write reaches ``point``."""
+def kill_self_at(point: str, occurrence: int = 1) -> None:
+    """Install a fault hook that SIGKILLs this process the ``occurrence``-th time it reaches
+    ``point`` (install it before opening a table to include the lock's steps)."""
+    seen = 0
 
     def hook(reached: str) -> None:
+        nonlocal seen
         if reached == point:
-            os.kill(os.getpid(), signal.SIGKILL)
+            seen += 1
+            if seen == occurrence:
+                os.kill(os.getpid(), signal.SIGKILL)
 
     table_module.set_fault_hook(hook)
 
@@ -103,7 +108,13 @@ def pause_at_first_point(conn: Conn) -> None:
     legitimately busy: the tool for tests that need a live holder or a holder that dies.
     """
 
+    fired = False
+
     def hook(reached: str) -> None:
+        nonlocal fired
+        if fired:  # a write keeps the hook it started with: later points pass through
+            return
+        fired = True
         table_module.set_fault_hook(None)
         conn.send(("holding", reached, os.getpid()))
         conn.recv()

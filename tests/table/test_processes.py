@@ -182,7 +182,10 @@ def test_a_forked_child_that_dies_holding_the_lock_is_recovered(
 # -- threads -----------------------------------------------------------------------------------
 
 
-def test_threads_hammering_one_handle(table: SessionTable) -> None:
+def test_threads_hammering_one_handle(make_table: TableFactory) -> None:
+    # 4 MiB: the ~600 live values must fit without eviction (a 1 MiB table, minus the update
+    # reserve of one maximal value, evicts a few).
+    table = make_table(4 * DEFAULT_SIZE)
     threads_n, count = 4, 300
     errors: list[BaseException] = []
     wins: list[list[str]] = [[] for _ in range(threads_n)]
