@@ -85,6 +85,10 @@ class SessionStore(SessionBase):
         blob = self.serializer().dumps(data)
         expires_at = time.time() + self._expiry_age(data)
         key = self.session_key
+        if key is None:
+            # Loading found the session gone (deleted, expired) and dropped its key: an update
+            # must not resurrect it, exactly as when ``replace`` finds it missing.
+            raise UpdateError
         table = get_table()
         try:
             if must_create:

@@ -237,6 +237,14 @@ class TestConcurrencySemantics:
             session.save()
         assert not session.exists(session.session_key)  # not resurrected
 
+    def test_save_of_a_vanished_key_raises_update_error_not_type_error(self) -> None:
+        """``SessionStore(key).save()`` loads first; a key that is gone must not be revived (nor
+        crash the table with a None key)."""
+        ghost = SessionStore("a" * 32)
+        with pytest.raises(UpdateError):
+            ghost.save()
+        assert not SessionStore("a" * 32).exists("a" * 32)
+
     def test_save_after_expiry_raises_update_error(self, session: SessionStore) -> None:
         session.set_expiry(1)
         session.save()

@@ -258,7 +258,7 @@ def test_a_recoverer_killed_mid_recovery_is_recovered_by_the_next(
 
 
 POOL = value_for("pool", 3000)
-#: Few keys per writer: up to 43 writers must fit in the table (TableFull would fail the test).
+#: Few keys per writer: every writer's keys must fit in the table (TableFull would fail the test).
 KEYS_PER_WRITER = 10
 
 
@@ -306,7 +306,8 @@ def test_random_sigkills_under_load_lose_no_acknowledged_write(
     """1,000 SIGKILLs of writers at random moments: no acknowledged write is lost, and the longest
     gap between two writes of a surviving writer stays under 0.5 s."""
     rng = random.Random(1234)
-    table = SessionTable(shm_name, 8 * DEFAULT_SIZE, full_policy="raise", lock_timeout=5)
+    # 64 MiB: the ~1,000 writers' 10 keys each (up to 3 KB) must all fit ("raise" counts it).
+    table = SessionTable(shm_name, 64 * DEFAULT_SIZE, full_policy="raise", lock_timeout=5)
     writers: dict[int, Child] = {}
     next_wid = kills = 0
 

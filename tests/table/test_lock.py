@@ -102,6 +102,14 @@ def describe_lock(name: str) -> str:
     return "\n".join(lines)
 
 
+def wait_stopped(board: Any, process: Any) -> None:
+    """Wait until ``process`` has stopped itself at its fault point."""
+    deadline = time.monotonic() + 5
+    while not board[STOPPED] and time.monotonic() < deadline:
+        time.sleep(0.005)
+    assert board[STOPPED] == process.pid
+
+
 def stall_after_death(board: Any) -> float:
     """Seconds between a worker's death and the next completed section."""
     died = board[DIED_AT_NS]
@@ -167,10 +175,7 @@ def test_a_stopped_owner_in_a_window_is_never_robbed(seg_name: str, point: str) 
         seg_name, board, 3.0, hold=0.0002, fault=Fault(point, occurrence=3, action="stop")
     )
     others = [lockprocs.start(seg_name, board, 3.0, hold=0.0002) for _ in range(2)]
-    deadline = time.monotonic() + 5
-    while not board[STOPPED] and time.monotonic() < deadline:
-        time.sleep(0.01)
-    assert board[STOPPED] == stopper.pid
+    wait_stopped(board, stopper)
     time.sleep(0.05)
     ops_while_stopped = board[OPS]
     time.sleep(1.0)
@@ -197,10 +202,7 @@ def test_a_stopped_releaser_while_the_next_owner_dies_in_its_window(seg_name: st
         hold=0.0002,
         fault=Fault("lock.release:sem_post:after", occurrence=3, action="stop"),
     )
-    deadline = time.monotonic() + 5
-    while not board[STOPPED] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert board[STOPPED] == stopper.pid
+    wait_stopped(board, stopper)
     dier = lockprocs.start(seg_name, board, 3.0, fault=Fault("lock.record:holder:before"))
     dier.join(5)
     assert dier.exitcode == -signal.SIGKILL
@@ -252,9 +254,7 @@ def test_child_exit_never_robs_a_live_holder(seg_name: str) -> None:
     holder = lockprocs.start(
         seg_name, board, 5.0, fault=Fault("lock.record:epoch:after", action="stop")
     )
-    deadline = time.monotonic() + 5
-    while not board[STOPPED] and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_stopped(board, holder)
     seg, master = open_lock(seg_name, board)
     try:
         assert master.recover_dead_holder() is False
@@ -270,9 +270,7 @@ def test_lock_timeout_names_the_live_holder(seg_name: str) -> None:
     holder = lockprocs.start(
         seg_name, board, 5.0, fault=Fault("lock.record:epoch:after", action="stop")
     )
-    deadline = time.monotonic() + 5
-    while not board[STOPPED] and time.monotonic() < deadline:
-        time.sleep(0.005)
+    wait_stopped(board, holder)
     seg, waiter = open_lock(seg_name, board, timeout=0.3)
     try:
         with pytest.raises(LockTimeout, match=f"process {holder.pid}"):
@@ -390,10 +388,7 @@ def test_a_releaser_stopped_before_its_post_blocks_any_probe(seg_name: str) -> N
     releaser = lockprocs.start(
         seg_name, board, 4.0, fault=Fault("lock.release:epoch:after", action="stop")
     )
-    deadline = time.monotonic() + 5
-    while not board[STOPPED] and time.monotonic() < deadline:
-        time.sleep(0.005)
-    assert board[STOPPED] == releaser.pid
+    wait_stopped(board, releaser)
     board[STOPPED] = 0
     taker = lockprocs.start(
         seg_name, board, 4.0, fault=Fault("lock.record:holder:before", action="stop")

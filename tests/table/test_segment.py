@@ -81,13 +81,17 @@ def test_a_segment_with_a_foreign_magic_is_refused(table: SessionTable, shm_name
         assert mapping[:8] == b"NOTOURS!"  # refused, never re-initialized
 
 
-def test_a_segment_of_another_layout_version_is_refused(table: SessionTable, shm_name: str) -> None:
+@pytest.mark.parametrize("version", [1, layout.LAYOUT_VERSION + 1])
+def test_a_segment_of_another_layout_version_is_refused(
+    table: SessionTable, shm_name: str, version: int
+) -> None:
+    """Version 1 is what django-shmsession 0.1 wrote: its segments must be recreated."""
     table.close()
     with raw_mapping(shm_name) as mapping:
         fields = list(layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET))
-        fields[0] = layout.LAYOUT_VERSION + 1
+        fields[0] = version
         layout.GEOMETRY.pack_into(mapping, layout.GEOMETRY_OFFSET, *fields)
-    with pytest.raises(LayoutMismatch, match=f"version {layout.LAYOUT_VERSION + 1}"):
+    with pytest.raises(LayoutMismatch, match=f"version {version},.*shmsession unlink"):
         SessionTable(shm_name)
 
 
