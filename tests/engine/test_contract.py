@@ -12,12 +12,14 @@ import json
 import time
 from collections.abc import Iterator
 from datetime import datetime, timedelta
+from decimal import Decimal
 from typing import Any
 
 import django
 import pytest
 from django.conf import settings
 from django.contrib.sessions.backends.base import CreateError, UpdateError
+from django.core import signing
 from django.utils import timezone
 
 from django_shmsession import store
@@ -504,3 +506,116 @@ def test_set_expiry_datetime_is_stored_as_iso_string() -> None:
     when = datetime(2099, 1, 1, tzinfo=timezone.get_current_timezone())
     s.set_expiry(when)
     assert s["_session_expiry"] == when.isoformat()
+
+
+class TestDefaultSerializer:
+    """Django's JSONSerializer is run by django_shmsession.serializers (C); others as they are."""
+
+    def test_default_serializer_takes_the_fast_path(self, monkeypatch: pytest.MonkeyPatch) -> None:
+        from django_shmsession import serializers
+
+        calls: list[str] = []
+        dumps, loads = serializers.dumps, serializers.loads
+
+        def spy_dumps(obj: Any) -> bytes:
+            calls.append("dumps")
+            return dumps(obj)
+
+        def spy_loads(data: bytes) -> Any:
+            calls.append("loads")
+            return loads(data)
+
+        monkeypatch.setattr(serializers, "dumps", spy_dumps)
+        monkeypatch.setattr(serializers, "loads", spy_loads)
+        s = SessionStore()
+        s["a"] = 1
+        s.save()
+        assert SessionStore(s.session_key)["a"] == 1
+        assert calls == ["dumps", "loads"]
+
+    @pytest.mark.parametrize(
+        "path",
+        [
+            "django.core.signing.JSONSerializer",
+            "django.contrib.sessions.serializers.JSONSerializer",
+        ],
+    )
+    def test_either_name_of_djangos_serializer_is_the_default(
+        self, settings: Any, path: str
+    ) -> None:
+        settings.SESSION_SERIALIZER = path
+        assert SessionStore().serializer is signing.JSONSerializer
+
+    def test_old_sessions_load_and_old_workers_read_new_ones(self) -> None:
+        """Rolling upgrade: bytes written by Django's serializer (the engine before msgspec)
+        load here, and what the engine writes now loads with Django's serializer."""
+        value = {"name": "Zoë 😀", "n": 2**70, "f": 1e16, "l": [None, True, "x"], "d": {"k": 1}}
+        table = store.get_table()
+        old_key = "oldworker" + "0" * 23
+        table.add(old_key, signing.JSONSerializer().dumps(value), time.time() + 60)
+        assert SessionStore(old_key)["name"] == "Zoë 😀"
+        assert dict(SessionStore(old_key).items()) == value
+        for plain in (value, {"ascii": "only", "n": 1}):
+            s = SessionStore()
+            s.update(plain)
+            s.save()
+            blob = table.get(s.session_key or "")
+            assert blob is not None
+            assert blob.isascii()
+            assert signing.JSONSerializer().loads(blob) == plain
+            s.delete()
+
+    @pytest.mark.parametrize(
+        "bad",
+        [datetime(2020, 1, 1), b"bytes", {1, 2}, Decimal("1.5"), object()],
+        ids=["datetime", "bytes", "set", "decimal", "object"],
+    )
+    def test_values_django_refuses_are_refused(self, session: SessionStore, bad: Any) -> None:
+        session["bad"] = {"nested": [bad]}
+        with pytest.raises(TypeError):
+            session.save()
+
+    def test_non_str_keys_become_strings_as_with_django(self, session: SessionStore) -> None:
+        session["d"] = {1: "a", None: "b", 2.5: "c", False: "d", "1": "e"}
+        session.save()
+        # json writes "1" twice; the later one wins when read, as with any Django engine.
+        assert reload(session.session_key)["d"] == {"1": "e", "null": "b", "2.5": "c", "false": "d"}
+
+
+class TestSessionBaseShortcuts:
+    """_get_session and get_expiry_age are rewritten for speed; Django's answers must stay."""
+
+    def test_get_session_flags_and_laziness(self, session: SessionStore) -> None:
+        session["a"] = 1
+        session.save()
+        other = SessionStore(session.session_key)
+        assert "_session_cache" not in vars(other)  # nothing loaded yet
+        assert other._get_session(no_load=True) == {}  # type: ignore[attr-defined]
+        assert other.accessed
+        fresh = SessionStore(session.session_key)
+        assert fresh._session == {"a": 1}  # type: ignore[attr-defined]
+        assert fresh._get_session() is fresh._session  # type: ignore[attr-defined]
+        assert not fresh.modified
+
+    def test_is_empty_and_clear(self, session: SessionStore) -> None:
+        assert session.is_empty()
+        session["a"] = 1
+        assert not session.is_empty()
+        session.clear()
+        assert session.is_empty()
+        assert session.modified
+
+    @pytest.mark.parametrize("expiry", [None, 0, 30, "datetime"])
+    def test_get_expiry_age_matches_django(self, session: SessionStore, expiry: Any) -> None:
+        from django.contrib.sessions.backends.base import SessionBase
+
+        now = timezone.now()
+        if expiry == "datetime":
+            expiry = now + timedelta(seconds=45)
+        session.set_expiry(expiry)
+        base = SessionBase()
+        base._session_cache = dict(session.items())  # type: ignore[attr-defined]
+        assert session.get_expiry_age(modification=now) == base.get_expiry_age(modification=now)
+        assert session.get_expiry_age(expiry=None) == base.get_expiry_age(expiry=None)
+        assert session.get_expiry_age(expiry=7) == 7
+        assert abs(session.get_expiry_age() - base.get_expiry_age()) <= 1
