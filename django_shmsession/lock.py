@@ -201,19 +201,37 @@ class _Claim:
             with contextlib.suppress(OSError):
                 os.close(self.fd)
 
-    def __del__(self) -> None:  # a thread that used the table ended
-        if not self.stale and self.pid == os.getpid():
-            self.drop()
+
+class _ClaimOwner:
+    """Gives its thread's slot back when the thread ends.
+
+    Only the thread-local storage refers to it, so it goes exactly when the thread does, even if
+    a kept exception's traceback still refers to the claim itself (a frame of ``run``).
+    """
+
+    __slots__ = ("claim",)
+
+    def __init__(self, claim: _Claim) -> None:
+        self.claim = claim
+
+    def __del__(self) -> None:
+        claim = self.claim
+        if not claim.stale and claim.pid == os.getpid():
+            claim.drop()
 
 
-#: Every live claim of this process, so a fork child can forget its parent's.
+#: Every live claim and lock of this process, so a fork child can forget its parent's.
 _ALL_CLAIMS: weakref.WeakSet[_Claim] = weakref.WeakSet()
+_ALL_LOCKS: weakref.WeakSet[TableLock] = weakref.WeakSet()
 
 
 def _forget_claims_after_fork() -> None:
-    """In a fork child: the inherited descriptions (and slot locks) are the parent's."""
+    """In a fork child: the inherited descriptions (and slot locks) are the parent's, and a
+    claim lock another thread held at the fork would stay held forever in the child."""
     for claim in list(_ALL_CLAIMS):
         claim.drop()
+    for table_lock in list(_ALL_LOCKS):
+        table_lock._claim_lock = threading.Lock()
 
 
 os.register_at_fork(after_in_child=_forget_claims_after_fork)
@@ -221,6 +239,7 @@ os.register_at_fork(after_in_child=_forget_claims_after_fork)
 
 class _ThreadClaim(threading.local):
     claim: _Claim | None = None
+    owner: _ClaimOwner | None = None
 
 
 @dataclass
@@ -329,6 +348,7 @@ class TableLock:
         self._claims: weakref.WeakSet[_Claim] = weakref.WeakSet()
         self._claim_lock = threading.Lock()
         self._closed = False
+        _ALL_LOCKS.add(self)
 
     # -- the critical section --------------------------------------------------------------------
 
@@ -363,7 +383,7 @@ class TableLock:
                 except posix_ipc.Error:
                     raise  # the trywait itself failed: nothing was taken
                 except BaseException:  # a signal handler raised after the trywait took it
-                    semaphore.release()
+                    self._give_back(claim)
                     raise
                 else:
                     control[CTL_LOCK_HOLDER] = token
@@ -424,6 +444,7 @@ class TableLock:
             registry[base + SW_INCARNATION] = incarnation
             claim = _Claim(fd, slot, incarnation)
             self._local.claim = claim
+            self._local.owner = _ClaimOwner(claim)
             self._claims.add(claim)
             _ALL_CLAIMS.add(claim)
             return claim
@@ -474,7 +495,7 @@ class TableLock:
             while True:
                 if wait.deferring():
                     time.sleep(DEFER_SLEEP)
-                elif self._wait_once(wait.poll()):
+                elif self._wait_once(claim, wait.poll()):
                     control[CTL_LOCK_HOLDER] = token
                     control[CTL_LOCK_EPOCH] += 1
                     self._recorded(claim)
@@ -507,7 +528,15 @@ class TableLock:
         control[CTL_LOCK_RECOVERIES] += 1
         self._recorded(claim)
 
-    def _wait_once(self, timeout: float) -> bool:
+    def _give_back(self, claim: _Claim) -> None:
+        """Post a token this thread took but never recorded (a signal handler raised at the
+        semaphore call), as a release: RELEASING and an epoch advance before the post, which
+        the probe's argument relies on (every post follows an epoch move)."""
+        self._registry[claim.state] = SLOT_RELEASING
+        self._control[CTL_LOCK_EPOCH] += 1
+        self._semaphore.release()
+
+    def _wait_once(self, claim: _Claim, timeout: float) -> bool:
         """One timed wait; True if it took the semaphore.
 
         posix_ipc runs Python signal handlers inside an interrupted wait and replaces whatever
@@ -527,7 +556,7 @@ class TableLock:
             except posix_ipc.Error:
                 raise  # the wait itself failed: nothing was taken
             except BaseException:  # a handler ran after a successful wait
-                semaphore.release()
+                self._give_back(claim)
                 raise
             return True
         previous = signal.pthread_sigmask(signal.SIG_BLOCK, handled)
@@ -540,7 +569,7 @@ class TableLock:
             raise  # the wait itself failed: nothing was taken
         except BaseException:  # a handler (flagged by another thread) ran after a successful wait
             try:
-                semaphore.release()
+                self._give_back(claim)
             finally:
                 signal.pthread_sigmask(signal.SIG_SETMASK, previous)
             raise
@@ -550,7 +579,7 @@ class TableLock:
             signal.pthread_sigmask(signal.SIG_SETMASK, previous)  # pending handlers run here
         except BaseException:
             if acquired:
-                semaphore.release()
+                self._give_back(claim)
             raise
         return acquired
 
@@ -610,7 +639,7 @@ class TableLock:
         except posix_ipc.Error:
             raise  # the trywait itself failed: nothing was taken
         except BaseException:  # a signal handler raised after the trywait took it
-            self._semaphore.release()
+            self._give_back(claim)
             raise
         else:
             control[CTL_LOCK_HOLDER] = claim.token
@@ -692,7 +721,7 @@ class TableLock:
                 return False  # the lock was free (now held by this thread) or has a live holder
             deadline = time.monotonic() + patience
             while time.monotonic() < deadline:
-                if self._wait_once(PROBE_POLL):
+                if self._wait_once(claim, PROBE_POLL):
                     control[CTL_LOCK_HOLDER] = claim.token
                     control[CTL_LOCK_EPOCH] += 1
                     return False  # the token was free after all

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import os
 import threading
 import time
 import weakref
@@ -46,6 +47,16 @@ _pair: PairIdentity | None = None  # the pair _table maps, as recorded when it w
 _next_check = 0.0
 _serializer: type[Any] | None = None
 _open_lock = threading.Lock()
+
+
+def _new_open_lock_after_fork() -> None:
+    """A fork child gets ``_open_lock`` in the state the forking moment left it: if another
+    thread held it, nobody would ever release it in the child."""
+    global _open_lock
+    _open_lock = threading.Lock()
+
+
+os.register_at_fork(after_in_child=_new_open_lock_after_fork)
 #: Replaced handles some thread may still use; each closes itself when the last one lets go.
 _retired: list[weakref.ref[SessionTable]] = []
 

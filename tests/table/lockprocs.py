@@ -45,6 +45,8 @@ LAST_OP_NS = 9  # CLOCK_MONOTONIC ns of the last completed section
 WORDS = 16
 
 
+#: More threads than the registry has slots: a leak of one slot per thread would exhaust it.
+SLOTS_TO_TRY = 1100
 #: Bytes of a bare segment: the header page, the registry and some room.
 BARE_SIZE = 1 << 18
 

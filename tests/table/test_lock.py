@@ -7,6 +7,7 @@ the longest gap between two completed sections bounds the stall a death causes.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import threading
@@ -16,13 +17,14 @@ from typing import Any
 
 import pytest
 
-from django_shmsession import layout, lock
+from django_shmsession import faults, layout, lock
 from django_shmsession.exceptions import LockTimeout
 
 from . import lockprocs
 from .helpers import unique_name
 from .lockprocs import (
     DIED_AT_NS,
+    LAST_OP_NS,
     MAX_GAP_NS,
     OPS,
     RECOVERED,
@@ -354,14 +356,18 @@ def test_random_kills_under_load_never_double_hold_and_stall_briefly(seg_name: s
         while kills < 1000:
             time.sleep(rng.uniform(0.001, 0.02))
             index = rng.randrange(len(workers))
+            killed_ns = time.monotonic_ns()
             os.kill(workers[index].pid, signal.SIGKILL)
             workers[index].join(5)
             kills += 1
-            died = time.monotonic()
-            ops = board[OPS]
-            while board[OPS] == ops and time.monotonic() - died < 5:
+            # The stall as the survivors saw it: from the kill to the first section they
+            # completed after it (stamped by the section itself, not by this loop's polling).
+            while board[LAST_OP_NS] <= killed_ns and time.monotonic_ns() - killed_ns < 5e9:
                 time.sleep(0.0005)
-            stalls.append(time.monotonic() - died)
+            progress_ns = board[LAST_OP_NS]
+            if progress_ns <= killed_ns:  # nobody completed anything in 5 s
+                progress_ns = time.monotonic_ns()
+            stalls.append((progress_ns - killed_ns) / 1e9)
             if stalls[-1] > MAX_STALL:
                 print(f"stall of {stalls[-1]:.3f} s after a kill:\n{describe_lock(seg_name)}")
             workers[index] = lockprocs.start(seg_name, board, 600, hold=0.0001)
@@ -402,3 +408,162 @@ def test_a_releaser_stopped_before_its_post_blocks_any_probe(seg_name: str) -> N
     wait_all([releaser, taker, prober])
     assert board[VIOLATIONS] == 0
     assert_lock_free(seg_name, board)
+
+
+# -- found by an adversarial run with real processes ----------------------------------------------
+
+
+def _taker_raising_after_a_stop(name: str, board: Any) -> None:
+    """Takes the free token by trywait, is stopped before recording itself, and, continued, has
+    a signal handler raise "at the semaphore call" (so the token is posted back)."""
+
+    def hook(point: str) -> None:
+        if point == "lock.acquire:sem_trywait:after":
+            faults.set_fault_hook(None)
+            board[STOPPED] = os.getpid()
+            os.kill(os.getpid(), signal.SIGSTOP)
+            raise KeyboardInterrupt
+
+    faults.set_fault_hook(hook)
+    _, table_lock = open_lock(name, board)
+    with contextlib.suppress(KeyboardInterrupt):
+        table_lock.run(lockprocs.section, board, 0.0)
+    os._exit(0)
+
+
+def _waiter_stopping_in_its_window(name: str, board: Any, word: int) -> None:
+    """Waits; stops itself in its acquire window the first time a timed wait succeeds."""
+
+    def hook(point: str) -> None:
+        if point == "lock.acquire:sem_timedwait:after":
+            faults.set_fault_hook(None)
+            board[word] = os.getpid()
+            os.kill(os.getpid(), signal.SIGSTOP)
+
+    faults.set_fault_hook(hook)
+    _, table_lock = open_lock(name, board)
+    deadline = time.monotonic() + 4
+    while time.monotonic() < deadline:
+        table_lock.run(lockprocs.section, board, 0.2)  # long holds: a second holder overlaps
+    os._exit(0)
+
+
+def test_a_token_given_back_by_a_raising_handler_moves_the_epoch(seg_name: str) -> None:
+    """The post-back after a handler raised must count as a release (epoch advance): else a
+    waiter that echoed a running probe takes it, stops before recording itself, and the prober
+    adopts a token that waiter owns (4 of 4 runs gave two holders before the fix)."""
+    board = lockprocs.new_board()
+    taker = lockprocs.CONTEXT.Process(target=_taker_raising_after_a_stop, args=(seg_name, board))
+    taker.start()
+    wait_stopped(board, taker)
+    waiters = [
+        lockprocs.CONTEXT.Process(target=_waiter_stopping_in_its_window, args=(seg_name, board, w))
+        for w in (10, 11)
+    ]
+    for waiter in waiters:
+        waiter.start()
+        time.sleep(0.05)
+    time.sleep(0.4)  # both wait; one probes, the other echoes the probe
+    os.kill(taker.pid, signal.SIGCONT)
+    deadline = time.monotonic() + 2
+    while not (board[10] or board[11]) and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.3)  # a prober that would adopt wrongly does it now
+    deadline = time.monotonic() + 20
+    while any(p.is_alive() for p in [taker, *waiters]) and time.monotonic() < deadline:
+        for word in (10, 11):  # each waiter stops once, whenever its first wait succeeds
+            if board[word]:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(board[word], signal.SIGCONT)
+        time.sleep(0.05)
+    wait_all([taker, *waiters])
+    assert board[VIOLATIONS] == 0
+    assert_lock_free(seg_name, board)
+
+
+def _fork_while_threads_claim(name: str, board: Any, conn: Any) -> None:
+    """Forks repeatedly while other threads keep claiming slots; each child uses the lock."""
+    _, table_lock = open_lock(name, board)
+    stop = threading.Event()
+
+    def churn() -> None:
+        while not stop.is_set():
+            thread = threading.Thread(target=table_lock.run, args=(int,))
+            thread.start()
+            thread.join()
+
+    churners = [threading.Thread(target=churn) for _ in range(2)]
+    for churner in churners:
+        churner.start()
+    hung = 0
+    for _ in range(20):
+        pid = os.fork()
+        if pid == 0:
+            table_lock.run(int)
+            os._exit(0)
+        deadline = time.monotonic() + 5
+        while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+            time.sleep(0.005)
+        else:
+            if time.monotonic() >= deadline:
+                hung += 1
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+    stop.set()
+    for churner in churners:
+        churner.join()
+    conn.send(hung)
+    os._exit(0)
+
+
+def test_a_fork_while_another_thread_claims_a_slot_does_not_hang_the_child(seg_name: str) -> None:
+    board = lockprocs.new_board()
+    receiver, sender = lockprocs.CONTEXT.Pipe(duplex=False)
+    parent = lockprocs.CONTEXT.Process(
+        target=_fork_while_threads_claim, args=(seg_name, board, sender)
+    )
+    parent.start()
+    assert receiver.poll(120), "the forking process hung"
+    assert receiver.recv() == 0, "children hung on their first use of the lock"
+    wait_all([parent])
+
+
+def test_a_thread_slot_is_freed_at_thread_exit_even_if_its_exception_is_kept(
+    seg_name: str,
+) -> None:
+    """A traceback kept after the thread ended (concurrent.futures, error reporters) refers to
+    run()'s frame and its claim; the slot must still go back when the thread ends."""
+    board = lockprocs.new_board()
+    seg, table_lock = open_lock(seg_name, board)
+    kept: list[BaseException] = []
+
+    def fail() -> None:
+        raise RuntimeError("boom")
+
+    def worker() -> None:
+        try:
+            table_lock.run(fail)
+        except RuntimeError as err:
+            kept.append(err)
+
+    try:
+        for _ in range(lockprocs.SLOTS_TO_TRY):
+            thread = threading.Thread(target=worker)
+            thread.start()
+            thread.join()
+        assert len(kept) == lockprocs.SLOTS_TO_TRY
+        assert table_lock.run(lambda: 7) == 7  # more threads than slots came and went
+        registry = memoryview(seg.memory)[layout.REGISTRY_OFFSET :].cast("Q")
+        probe_fd = os.open(f"/proc/self/fd/{seg.fd}", os.O_RDWR)
+        try:
+            alive = sum(
+                lock._ofd_locked_by_other(probe_fd, layout.SLOT_LOCK_BASE + slot)
+                for slot in range(layout.SLOT_COUNT)
+            )
+        finally:
+            os.close(probe_fd)
+            registry.release()
+        assert alive <= 2
+    finally:
+        table_lock.close()
+        seg.close()
