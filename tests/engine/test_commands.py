@@ -114,6 +114,20 @@ def test_unlink_asks_and_no_keeps_segment(shm_name: str, monkeypatch: pytest.Mon
     assert segment_exists(shm_name)
 
 
+def test_unlink_with_stdin_closed_keeps_segment(
+    shm_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """From cron or a pipe there is nobody to answer: cancel, never a traceback or a removal."""
+    make_sessions(1)
+
+    def closed(question: str) -> str:
+        raise EOFError
+
+    monkeypatch.setattr("builtins.input", closed)
+    assert "Nothing removed." in run("shmsession", "unlink")
+    assert segment_exists(shm_name)
+
+
 def test_unlink_without_segment(shm_name: str) -> None:
     assert "nothing to remove" in run("shmsession", "unlink", "--noinput")
 

@@ -117,7 +117,11 @@ class Command(BaseCommand):
     def _confirm(self, interactive: bool, question: str) -> bool:
         if not interactive:
             return True
-        answer = input(f"{question} Type 'yes' to continue, or 'no' to cancel: ")
+        try:
+            answer = input(f"{question} Type 'yes' to continue, or 'no' to cancel: ")
+        except EOFError:  # no terminal (cron, a pipe): never destroy sessions unasked
+            self.stderr.write("\nNo answer (stdin is closed); cancelled. Pass --noinput to skip.")
+            return False
         return answer.strip().lower() == "yes"
 
 
