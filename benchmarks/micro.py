@@ -407,8 +407,30 @@ def target_rows(results: dict[str, Any]) -> list[list[str]]:
     return rows
 
 
+# Issue 15: our median as a fraction of LocMem's, at every size, in the same run.
+LOCMEM_TARGETS = (("load", 0.8), ("update", 1.0), ("create", 0.5))
+
+
+def locmem_target_rows(results: dict[str, Any]) -> list[list[str]]:
+    """Issue 15's targets: our time / LocMem's time per op and size, with met / NOT met."""
+    rows = []
+    for size in SIZES:
+        for op, limit in LOCMEM_TARGETS:
+            ours = _median(results, bk.OURS, size, op)
+            peer = _median(results, "cache-locmem", size, op)
+            value = ours / peer if ours is not None and peer else None
+            verdict = "n/a" if value is None else "met" if value <= limit else "**NOT met**"
+            shown = "-" if value is None else f"{value:.2f}x"
+            rows.append([f"{size} {op} ≤ {limit:.1f}x LocMem's", shown, verdict])
+    return rows
+
+
 def _render_targets(results: dict[str, Any]) -> list[str]:
     return [
+        "",
+        "## Targets (issue 15: our median / LocMem's median, lower is better)",
+        "",
+        md_table(["target", "measured", "verdict"], locmem_target_rows(results)),
         "",
         "## Targets (issue 6, 300 B, speed-up = peer median / our median)",
         "",

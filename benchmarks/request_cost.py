@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="smoke run: few samples")
     parser.add_argument("--backends", default=",".join(DEFAULT_BACKENDS))
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--out", default="request_cost", help="results/<out>.md and .json")
     args = parser.parse_args(argv)
     if args.child:
         print(json.dumps(run_child(args.quick)))
@@ -190,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"request_cost: {key} ...")
             results[key] = run_backend(key, args.quick)
     markdown = render(results, info, args.quick)
-    path = write_results("request_cost", markdown, {"machine": info, "results": results})
+    path = write_results(args.out, markdown, {"machine": info, "results": results})
     print(markdown)
     log(f"request_cost: wrote {path}")
     return 0
