@@ -134,7 +134,7 @@ def test_death_at_every_lock_step_is_recovered_within_the_stall_bound(
     board = lockprocs.new_board()
     steady = [lockprocs.start(seg_name, board, 1.2, hold=0.0002, pause=0.0002) for _ in range(2)]
     victim = lockprocs.start(
-        seg_name, board, 1.2, hold=0.0002, fault=Fault(point, occurrence=5), pause=0.0002
+        seg_name, board, 1.2, hold=0.0002, fault=Fault(point, occurrence=2), pause=0.0002
     )
     wait_all([*steady, victim])
     assert victim.exitcode == -signal.SIGKILL
