@@ -48,9 +48,20 @@ def _plain_dict(obj: dict[Any, Any], depth: int) -> bool:
     """Whether msgspec encodes ``obj`` exactly as ``json.dumps`` would (up to escapes)."""
     if depth > MAX_FAST_DEPTH:
         return False
-    for key, value in obj.items():
-        if type(key) is not str:
+    for key in obj:
+        if type(key) is not str:  # json converts int/float/bool/None keys: leave it to json
             return False
+    return _plain_values(obj.values(), depth)
+
+
+def _plain_values(values: Any, depth: int) -> bool:
+    """Whether every value (of a dict, list or tuple at ``depth``) is plain, recursively.
+
+    The type tests are inline (no call per value): this runs on every save.
+    """
+    if depth > MAX_FAST_DEPTH:
+        return False
+    for value in values:
         kind = type(value)
         if kind is str or kind is int or kind is bool or value is None:
             continue
@@ -61,28 +72,7 @@ def _plain_dict(obj: dict[Any, Any], depth: int) -> bool:
             if not _plain_dict(value, depth + 1):
                 return False
         elif kind is list or kind is tuple:
-            if not _plain_list(value, depth + 1):
-                return False
-        else:
-            return False
-    return True
-
-
-def _plain_list(obj: list[Any] | tuple[Any, ...], depth: int) -> bool:
-    if depth > MAX_FAST_DEPTH:
-        return False
-    for value in obj:
-        kind = type(value)
-        if kind is str or kind is int or kind is bool or value is None:
-            continue
-        if kind is float:
-            if value - value != 0.0:
-                return False
-        elif kind is dict:
-            if not _plain_dict(value, depth + 1):
-                return False
-        elif kind is list or kind is tuple:
-            if not _plain_list(value, depth + 1):
+            if not _plain_values(value, depth + 1):
                 return False
         else:
             return False

@@ -54,6 +54,31 @@ def open_lock(name: str, board: Any, timeout: float = 10.0) -> tuple[Any, lock.T
     return seg, lock.TableLock(seg, memoryview(b""), timeout, BoardRecovery(board))
 
 
+@contextlib.contextmanager
+def lock_handle(name: str, board: Any, timeout: float = 10.0) -> Iterator[lock.TableLock]:
+    """A TableLock of this process on ``name``, closed (with its segment) afterwards."""
+    seg, table_lock = open_lock(name, board, timeout)
+    try:
+        yield table_lock
+    finally:
+        table_lock.close()
+        seg.close()
+
+
+def killed_at(name: str, board: Any, point: str) -> None:
+    """Run a worker until it SIGKILLs itself at ``point`` (the lock is then left as it was)."""
+    victim = lockprocs.start(name, board, 5.0, fault=Fault(point))
+    victim.join(5)
+    assert victim.exitcode == -signal.SIGKILL
+
+
+def stopped_at(name: str, board: Any, point: str) -> Any:
+    """Start a worker that stops itself (SIGSTOP) at ``point``; return once it has."""
+    holder = lockprocs.start(name, board, 5.0, fault=Fault(point, action="stop"))
+    wait_stopped(board, holder)
+    return holder
+
+
 def wait_all(processes: list[Any], timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
     for process in processes:
@@ -222,65 +247,45 @@ def test_a_stopped_releaser_while_the_next_owner_dies_in_its_window(seg_name: st
 
 def test_child_exit_adopts_a_recorded_dead_holder_at_once(seg_name: str) -> None:
     board = lockprocs.new_board()
-    victim = lockprocs.start(seg_name, board, 5.0, fault=Fault("lock.record:epoch:after"))
-    victim.join(5)
-    assert victim.exitcode == -signal.SIGKILL
-    seg, master = open_lock(seg_name, board)
-    try:
+    killed_at(seg_name, board, "lock.record:epoch:after")
+    with lock_handle(seg_name, board) as master:
         start = time.monotonic()
         assert master.recover_dead_holder() is True
         assert time.monotonic() - start < 0.05
         assert master.recover_dead_holder() is False  # nothing left to recover
-    finally:
-        master.close()
-        seg.close()
     assert_lock_free(seg_name, board)
 
 
 def test_child_exit_adopts_a_holder_that_died_in_its_acquire_window(seg_name: str) -> None:
     board = lockprocs.new_board()
-    victim = lockprocs.start(seg_name, board, 5.0, fault=Fault("lock.record:holder:before"))
-    victim.join(5)
-    assert victim.exitcode == -signal.SIGKILL
-    seg, master = open_lock(seg_name, board)
-    try:
+    killed_at(seg_name, board, "lock.record:holder:before")
+    with lock_handle(seg_name, board) as master:
         assert master.recover_dead_holder() is True
-    finally:
-        master.close()
-        seg.close()
     assert_lock_free(seg_name, board)
 
 
 def test_child_exit_never_robs_a_live_holder(seg_name: str) -> None:
     board = lockprocs.new_board()
-    holder = lockprocs.start(
-        seg_name, board, 5.0, fault=Fault("lock.record:epoch:after", action="stop")
-    )
-    wait_stopped(board, holder)
-    seg, master = open_lock(seg_name, board)
+    holder = stopped_at(seg_name, board, "lock.record:epoch:after")
     try:
-        assert master.recover_dead_holder() is False
+        with lock_handle(seg_name, board) as master:
+            assert master.recover_dead_holder() is False
     finally:
-        master.close()
-        seg.close()
-    os.kill(holder.pid, signal.SIGKILL)
-    holder.join(5)
+        holder.kill()
+        holder.join(5)
 
 
 def test_lock_timeout_names_the_live_holder(seg_name: str) -> None:
     board = lockprocs.new_board()
-    holder = lockprocs.start(
-        seg_name, board, 5.0, fault=Fault("lock.record:epoch:after", action="stop")
-    )
-    wait_stopped(board, holder)
-    seg, waiter = open_lock(seg_name, board, timeout=0.3)
+    holder = stopped_at(seg_name, board, "lock.record:epoch:after")
     try:
-        with pytest.raises(LockTimeout, match=f"process {holder.pid}"):
+        with (
+            lock_handle(seg_name, board, timeout=0.3) as waiter,
+            pytest.raises(LockTimeout, match=f"process {holder.pid}"),
+        ):
             waiter.run(lambda: None)
     finally:
-        waiter.close()
-        seg.close()
-        os.kill(holder.pid, signal.SIGKILL)
+        holder.kill()
         holder.join(5)
 
 
@@ -288,13 +293,9 @@ def test_the_timeout_restarts_while_the_lock_moves(seg_name: str) -> None:
     """Many short holds that add up to more than the timeout are progress, not a hang."""
     board = lockprocs.new_board()
     busy = [lockprocs.start(seg_name, board, 1.5, hold=0.02) for _ in range(3)]
-    seg, waiter = open_lock(seg_name, board, timeout=0.2)
-    try:
+    with lock_handle(seg_name, board, timeout=0.2) as waiter:
         for _ in range(20):
             waiter.run(lambda: None)
-    finally:
-        waiter.close()
-        seg.close()
     wait_all(busy)
     assert board[TIMEOUTS] == 0
 
@@ -464,6 +465,7 @@ def test_a_token_given_back_by_a_raising_handler_moves_the_epoch(seg_name: str) 
         waiter.start()
         time.sleep(0.05)
     time.sleep(0.4)  # both wait; one probes, the other echoes the probe
+    assert taker.pid is not None
     os.kill(taker.pid, signal.SIGCONT)
     deadline = time.monotonic() + 2
     while not (board[10] or board[11]) and time.monotonic() < deadline:
