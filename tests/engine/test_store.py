@@ -15,6 +15,8 @@ from django_shmsession.backend import SessionStore
 from django_shmsession.segment import current_pair, segment_path, semaphore_path
 from django_shmsession.table import SessionTable
 
+from . import servers
+
 
 def saved_session(value: str) -> SessionStore:
     s = SessionStore()
@@ -76,14 +78,7 @@ def test_replaced_segment_is_followed(shm_name: str, monkeypatch: pytest.MonkeyP
 
 def shm_mappings() -> set[tuple[int, int]]:
     """(st_dev, st_ino) of every /dev/shm file this process maps (segments and semaphores)."""
-    found = set()
-    with open("/proc/self/maps") as maps:
-        for line in maps:
-            fields = line.split(maxsplit=5)
-            if len(fields) == 6 and fields[5].startswith("/dev/shm/"):
-                major, minor = (int(part, 16) for part in fields[3].split(":"))
-                found.add((os.makedev(major, minor), int(fields[4])))
-    return found
+    return servers.shm_mappings(os.getpid())
 
 
 def open_shm_fds() -> set[tuple[int, int]]:
