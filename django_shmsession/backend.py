@@ -20,7 +20,11 @@ from django.core.signing import JSONSerializer
 
 from django_shmsession import conf, keys, serializers
 from django_shmsession.exceptions import TableFull, ValueTooLarge
-from django_shmsession.store import get_serializer, get_table
+from django_shmsession.store import ANONYMOUS, SIGNED_IN, get_serializer, get_table
+
+#: The session key under which django.contrib.auth keeps the signed-in user's id
+#: (``django.contrib.auth.SESSION_KEY``, not imported: the engine works without auth).
+AUTH_USER_KEY = "_auth_user_id"
 
 
 class SessionStore(SessionBase):
@@ -118,11 +122,12 @@ class SessionStore(SessionBase):
             # must not resurrect it, exactly as when ``replace`` finds it missing.
             raise UpdateError
         table = get_table()
+        priority = SIGNED_IN if AUTH_USER_KEY in data else ANONYMOUS
         try:
             if must_create:
-                if not table.add(key, blob, expires_at):
+                if not table.add(key, blob, expires_at, priority):
                     raise CreateError
-            elif not table.replace(key, blob, expires_at):
+            elif not table.replace(key, blob, expires_at, priority):
                 raise UpdateError
         except ValueTooLarge as err:
             raise _too_large(err) from err

@@ -1,4 +1,4 @@
-"""Making room: reclaiming expired entries and evicting the soonest-expiring ones.
+"""Making room: reclaiming expired entries first, then evicting the least valuable live one.
 
 Room is measured in free entries and free chunks. Inserts and growing updates must leave a
 *reserve* of chunks free (enough for one value of the handle's ``max_value_size``), which only
@@ -7,9 +7,24 @@ old one, and the reserve guarantees it, so it never evicts another session and n
 TableFull. The cost is ``chunks_for(max_value_size)`` chunks of the data space (128 chunks, or
 64 KiB, with the defaults).
 
-Victims are sampled like Redis's volatile-ttl: up to ``EVICTION_SAMPLE`` used entries among
-``EVICTION_PROBES`` random probes, the soonest-expiring one goes; each removal is an ordinary,
-intent-logged delete.
+Which entry goes, in order:
+
+1. expired ones, under every policy, before any live entry. Each range of entries has a floor
+   (``FLOORS_OFFSET``): a whole second none of its entries expires before; writes lower it, and
+   reclaiming a range (a walk that removes every expired entry in it) makes it exact.
+   ``CTL_EXPIRY_FLOOR`` is the least of them, so "nothing can have expired" costs one
+   comparison, and finding what did costs a walk of one range (1/256 of the entries).
+2. an entry of the lowest *priority class* present (the caller's: the engine gives signed-in
+   sessions class 1, anonymous ones class 0). ``CTL_CLASS_ENTRIES`` counts live entries per
+   class, so when the sample holds only higher classes although a lower one exists, a directed
+   search (``CTL_EVICT_CURSOR``) finds one: a lower class is always emptied first.
+3. within that class, the least recently used: ``EVICTION_SAMPLE`` used entries are sampled
+   (like Redis's allkeys-lru) and the one with the oldest coarse access second goes.
+
+Each removal is an ordinary, intent-logged delete. The hints (floors, class counts, cursor)
+steer only the choice: they are stored outside the intent log, so a write interrupted by a
+crash may leave a class count off by one; recovery then sets ``CTL_HINTS_STALE`` and the next
+eviction that relies on the counts recounts them in one pass.
 """
 
 from __future__ import annotations
@@ -17,14 +32,40 @@ from __future__ import annotations
 import random
 from collections.abc import Callable
 
-from .layout import ENTRY_USED, NIL
+from .layout import (
+    CTL_CLASS_ENTRIES,
+    CTL_EVICT_CURSOR,
+    CTL_EXPIRY_FLOOR,
+    CTL_HINTS_STALE,
+    ENTRY_USED,
+    FLOOR_REGIONS,
+    FLOORS_OFFSET,
+    NIL,
+    PRIORITY_CLASSES,
+)
 from .memory import TableMemory, Words
 
-__all__ = ["EVICTION_PROBES", "EVICTION_SAMPLE", "has_room", "pick_victim"]
+__all__ = [
+    "EVICTION_PROBES",
+    "EVICTION_SAMPLE",
+    "NO_FLOOR",
+    "Floors",
+    "Victim",
+    "has_room",
+    "pick_victim",
+    "recount",
+]
 
-#: Entries sampled per eviction (Redis's volatile-ttl samples 5 by default).
+#: Entries sampled per eviction (Redis samples 5 by default).
 EVICTION_SAMPLE = 8
 EVICTION_PROBES = 64
+#: The floor of a range with no entry: nothing in it can expire.
+NO_FLOOR_U32 = 0xFFFFFFFF
+#: CTL_EXPIRY_FLOOR of an empty table.
+NO_FLOOR = NO_FLOOR_U32
+
+#: (entry index or NIL, whether it expired, its priority class).
+Victim = tuple[int, bool, int]
 
 
 def has_room(
@@ -53,27 +94,105 @@ def has_room(
     return capacity - used >= need
 
 
-def pick_victim(
-    memory: TableMemory,
-    protect: int,
-    now: float,
-    live_expiry: Callable[[int], float],
-) -> tuple[int, bool]:
-    """(index of the soonest-expiring sampled entry, whether it already expired); NIL if none.
+class Floors:
+    """The per-range expiry floors of one mapped table (see the module docstring)."""
 
-    ``protect`` (the entry being updated) is never picked.
+    def __init__(self, memory: TableMemory) -> None:
+        self.memory = memory
+        self.words = memory.u32_array(FLOORS_OFFSET, FLOOR_REGIONS)
+        self.span = -(-memory.geometry.entry_capacity // FLOOR_REGIONS)
+
+    def release(self) -> None:
+        self.words.release()
+
+    def lower(self, index: int, expires_at: float) -> None:
+        """Keep the floor of entry ``index``'s range at or below ``expires_at``."""
+        second = min(max(int(expires_at), 0), NO_FLOOR_U32)
+        region = index // self.span
+        if second < self.words[region]:
+            self.words[region] = second
+        control = self.memory.control
+        if second < control[CTL_EXPIRY_FLOOR]:
+            control[CTL_EXPIRY_FLOOR] = second
+
+    def reclaim(
+        self,
+        now: float,
+        live_expiry: Callable[[int], float],
+        delete: Callable[[int], object],
+        protect: int,
+        every_range: bool,
+    ) -> int:
+        """Delete the expired entries of the first range whose floor has passed (of every such
+        range with ``every_range``), making those floors exact; returns how many went."""
+        memory = self.memory
+        words = self.words
+        hwm = memory.entry_hwm()
+        removed = 0
+        for region, floor in enumerate(words.tolist()):
+            if floor > now:
+                continue
+            start = region * self.span
+            earliest = NO_FLOOR_U32
+            for index in range(start, min(start + self.span, hwm)):
+                if memory.state(index) != ENTRY_USED:
+                    continue
+                expiry = live_expiry(index)
+                if expiry <= now and index != protect:
+                    delete(index)
+                    removed += 1
+                else:
+                    earliest = min(earliest, max(int(expiry), 0))
+            words[region] = earliest
+            if removed and not every_range:
+                break
+        memory.control[CTL_EXPIRY_FLOOR] = min(words.tolist())
+        return removed
+
+    def recount(self, live_expiry: Callable[[int], float]) -> None:
+        """Recompute every floor from the entries (after a rebuild or a stale mark)."""
+        memory = self.memory
+        floors = [NO_FLOOR_U32] * FLOOR_REGIONS
+        for index in range(memory.entry_hwm()):
+            if memory.state(index) == ENTRY_USED:
+                region = index // self.span
+                floors[region] = min(floors[region], max(int(live_expiry(index)), 0))
+        for region, floor in enumerate(floors):
+            self.words[region] = floor
+        memory.control[CTL_EXPIRY_FLOOR] = min(floors)
+
+
+def pick_victim(memory: TableMemory, protect: int) -> Victim:
+    """The live entry to evict (see the module docstring); index NIL when there is none.
+
+    ``protect`` (the entry being updated) is never picked. Expired entries are not looked for
+    here: :meth:`Floors.reclaim` has removed them first.
     """
+    best, best_rank = _sample(memory, protect)
+    if best == NIL:
+        return NIL, False, 0
+    lowest = _lowest_class(memory, protect)
+    if lowest < best_rank[0]:
+        found = _search_class(memory, protect, lowest)
+        if found != NIL:
+            return found, False, lowest
+    return best, False, best_rank[0]
+
+
+def _sample(memory: TableMemory, protect: int) -> tuple[int, tuple[int, int]]:
+    """The lowest (class, last access) among up to EVICTION_SAMPLE random used entries."""
     hwm = memory.entry_hwm()
     if hwm == 0:
-        return NIL, False
-    best, best_expiry, sampled = NIL, float("inf"), 0
+        return NIL, (0, 0)
+    access = memory.access
+    best, best_rank, sampled = NIL, (PRIORITY_CLASSES, 0), 0
     for _ in range(EVICTION_PROBES):
         index = random.randrange(hwm)
         if index == protect or memory.state(index) != ENTRY_USED:
             continue
-        expiry = live_expiry(index)
-        if expiry < best_expiry:
-            best, best_expiry = index, expiry
+        rank = (memory.live_priority(index), access[index])
+        if rank < best_rank:
+            best, best_rank = index, rank
         sampled += 1
         if sampled >= EVICTION_SAMPLE:
             break
@@ -82,6 +201,49 @@ def pick_victim(
         for offset in range(hwm):
             index = (start + offset) % hwm
             if index != protect and memory.state(index) == ENTRY_USED:
-                best, best_expiry = index, live_expiry(index)
-                break
-    return best, best != NIL and best_expiry <= now
+                return index, (memory.live_priority(index), access[index])
+    return best, best_rank
+
+
+def _lowest_class(memory: TableMemory, protect: int) -> int:
+    """The lowest priority class with a live entry (besides ``protect``), from the counts."""
+    control = memory.control
+    protected_class = memory.live_priority(protect) if protect != NIL else -1
+    for klass in range(PRIORITY_CLASSES):
+        count = control[CTL_CLASS_ENTRIES + klass]
+        if count > (1 if klass == protected_class else 0):
+            return klass
+    return PRIORITY_CLASSES
+
+
+def _search_class(memory: TableMemory, protect: int, klass: int) -> int:
+    """An entry of class ``klass`` found by walking from CTL_EVICT_CURSOR; NIL after a whole
+    pass finds none (the counts were wrong: they are recounted)."""
+    control = memory.control
+    hwm = memory.entry_hwm()
+    cursor = int(control[CTL_EVICT_CURSOR])
+    if not 0 <= cursor < hwm:
+        cursor = 0
+    for step in range(hwm):
+        index = (cursor + step) % hwm
+        if (
+            index != protect
+            and memory.state(index) == ENTRY_USED
+            and memory.live_priority(index) == klass
+        ):
+            control[CTL_EVICT_CURSOR] = (index + 1) % hwm
+            return index
+    recount(memory)
+    return NIL
+
+
+def recount(memory: TableMemory) -> None:
+    """Recompute the class counts from the entries (one pass) and clear the stale mark."""
+    control = memory.control
+    counts = [0] * PRIORITY_CLASSES
+    for index in range(memory.entry_hwm()):
+        if memory.state(index) == ENTRY_USED:
+            counts[memory.live_priority(index)] += 1
+    for klass, count in enumerate(counts):
+        control[CTL_CLASS_ENTRIES + klass] = count
+    control[CTL_HINTS_STALE] = 0

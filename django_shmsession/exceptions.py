@@ -53,3 +53,26 @@ class LockTimeout(ShmSessionError, TimeoutError):
 
 class UnsupportedPlatform(ShmSessionError):
     """posix_ipc is missing or the platform lacks timed semaphore waits."""
+
+
+class SettingsMismatch(ShmSessionError, ValueError):
+    """A setting every process must share differs from the value the segment's creator recorded.
+
+    ``setting`` names it (``"max_value_size"`` or ``"full_policy"``); ``recorded`` is the
+    creator's value and ``requested`` this process's.
+    """
+
+    def __init__(self, name: str, setting: str, recorded: object, requested: object) -> None:
+        self.setting = setting
+        self.recorded = recorded
+        self.requested = requested
+        super().__init__(
+            f"the session table {name!r} was created with {setting}={recorded!r}, but this "
+            f"process asks for {setting}={requested!r}; every process must use the same value: "
+            "change the setting to match, or stop all servers, unlink the table and start again"
+        )
+
+
+class WouldBlock(ShmSessionError):
+    """A call made through ``SessionTable.inline`` would have had to wait (for the lock, or for
+    a recovery to run); nothing was done, so the same call may be retried in a thread."""

@@ -13,6 +13,8 @@ Segment (all integers little-endian; the package refuses to run on big-endian ho
     | buckets: u32[bucket_count]|  head entry index of each hash chain, NIL when empty
     +---------------------------+ Geometry.entries_offset
     | entries: ENTRY_SIZE each  |  key, hash, chain link, state, two value descriptors
+    +---------------------------+ Geometry.access_offset
+    | access: u32[entries]      |  coarse last read or write of each entry (seconds), for LRU
     +---------------------------+ Geometry.chunk_links_offset
     | chunk links: u32[chunks]  |  next chunk of a value chain, or of the free-chunk stack
     +---------------------------+ Geometry.chunk_owners_offset
@@ -46,7 +48,8 @@ Entry (``ENTRY_SIZE`` = 128 bytes)::
     104 desc[1]    DESCRIPTOR
 
 Descriptor (24 bytes): expires_at f64 (absolute wall-clock seconds), value_len u32, first_chunk
-u32 (NIL for an empty value), crc u32, pad. ``crc`` is the CRC-32 of the value with the seed
+u32 (NIL for an empty value), crc u32, priority u8 (the eviction class, 0 evicted first), pad.
+``crc`` is the CRC-32 of the value with the seed
 ``(h ^ (h >> 32) ^ value_len ^ int(expires_at * 1000)) & 0xFFFFFFFF`` where ``h`` is the key hash
 (see ``TableMemory.checksum``).
 
@@ -67,7 +70,9 @@ if sys.byteorder != "little":  # pragma: no cover - no such host in CI
 MAGIC = b"SHMSESS\x01"
 INIT_MAGIC = b"SHMSINIT"
 #: Version 2: process registry, intent log, semaphore identity in the header (see docs/layout.md).
-LAYOUT_VERSION = 2
+#: Version 3: a priority class per descriptor, the last-access array, settings recorded by the
+#: creator, eviction hints.
+LAYOUT_VERSION = 3
 
 HEADER_SIZE = 4096
 NIL = 0xFFFFFFFF
@@ -130,6 +135,35 @@ CTL_CORRUPTION = 27
 CTL_ROLLBACKS = 28  # interrupted writes undone from the intent log
 CTL_ENTRIES_DROPPED = 29  # entries dropped because they failed a check
 CTL_LOCK_TIMEOUTS = 30
+# Settings every process must agree on, recorded by the creator (0: not recorded).
+CTL_SETTING_MAX_VALUE = 31  # max_value_size in bytes
+CTL_SETTING_FULL_POLICY = 32  # FULL_POLICY_CODES[full_policy]
+# Eviction hints. They steer eviction only: any value is safe (checked or clamped on use), so
+# they are kept outside the intent log, and recovery marks them stale (CTL_HINTS_STALE).
+CTL_EXPIRY_FLOOR = 33  # the least region floor (below): no entry expires before this second
+CTL_EVICT_CURSOR = 35  # where the next directed search for a low-priority victim starts
+CTL_HINTS_STALE = 36  # 1 when the class counts or floors may be off (a write was interrupted)
+#: Live entries per priority class: words CTL_CLASS_ENTRIES .. + PRIORITY_CLASSES - 1.
+CTL_CLASS_ENTRIES = 40
+#: Evictions per priority class (statistics): words CTL_CLASS_EVICTIONS .. + PRIORITY_CLASSES - 1.
+CTL_CLASS_EVICTIONS = 44
+#: Words for the layers above the table (the tiered engine's listener heartbeat, ...): the
+#: table never interprets them. Words CTL_APP_WORDS .. + APP_WORDS - 1, zero in a new segment.
+CTL_APP_WORDS = 48
+APP_WORDS = 8
+
+#: Expiry floors: the entries are split into FLOOR_REGIONS equal ranges, and u32 word ``r`` at
+#: ``FLOORS_OFFSET`` (in the header page) is a whole second no live entry of range ``r``
+#: expires before (writes lower it; reclaiming a range's expired entries makes it exact). So
+#: finding expired entries costs a walk of one range, not of the table. A hint: any value is
+#: safe (too low costs a walk, too high delays a reclaim until the next recount).
+FLOORS_OFFSET = 1024
+FLOOR_REGIONS = 256
+
+#: Priority classes an entry may carry (0 is evicted first). Stored in its descriptor.
+PRIORITY_CLASSES = 4
+#: FULL_POLICY setting -> its code in CTL_SETTING_FULL_POLICY.
+FULL_POLICY_CODES = {"evict": 1, "raise": 2}
 
 #: Counter name -> control word, as reported by ``SessionTable.stats()``.
 COUNTERS = {
@@ -211,6 +245,12 @@ INTENT_OP_INSERT = 1
 INTENT_OP_UPDATE = 2
 INTENT_OP_DELETE = 3
 INTENT_OP_CLEAR = 4
+INTENT_OP_NAMES = {
+    INTENT_OP_INSERT: "insert",
+    INTENT_OP_UPDATE: "update",
+    INTENT_OP_DELETE: "delete",
+    INTENT_OP_CLEAR: "clear",
+}
 #: Everything before the bucket array.
 FIXED_SIZE = INTENT_OFFSET + INTENT_SIZE
 
@@ -224,8 +264,12 @@ ENTRY_STATE_OFFSET = 0
 ENTRY_ACTIVE_OFFSET = 1
 ENTRY_NEXT = struct.Struct("<I")
 ENTRY_NEXT_OFFSET = 4
-#: expires_at, value_len, first_chunk, crc, pad
+#: expires_at, value_len, first_chunk, crc (the checked fields; the crc covers the value)
 DESCRIPTOR = struct.Struct("<dIII4x")
+#: The whole descriptor as written: the checked fields, then the entry's priority class (a hint
+#: for eviction, clamped to PRIORITY_CLASSES - 1 when read), then 3 bytes of padding.
+DESCRIPTOR_WRITE = struct.Struct("<dIIIB3x")
+DESCRIPTOR_PRIORITY_OFFSET = 20
 DESCRIPTOR_OFFSET = ENTRY_KEY_OFFSET + KEY_MAX  # 80
 ENTRY_SIZE = DESCRIPTOR_OFFSET + 2 * DESCRIPTOR.size  # 128
 #: The whole entry in one unpack (the lookup hot path): head, zero-padded key, both descriptors.
@@ -262,6 +306,7 @@ class Geometry:
     chunk_capacity: int
     buckets_offset: int = field(init=False)
     entries_offset: int = field(init=False)
+    access_offset: int = field(init=False)
     chunk_links_offset: int = field(init=False)
     chunk_owners_offset: int = field(init=False)
     chunks_offset: int = field(init=False)
@@ -269,9 +314,10 @@ class Geometry:
     def __post_init__(self) -> None:
         offsets = {"buckets_offset": FIXED_SIZE}
         offsets["entries_offset"] = _align(FIXED_SIZE + self.bucket_count * U32)
-        offsets["chunk_links_offset"] = _align(
+        offsets["access_offset"] = _align(
             offsets["entries_offset"] + self.entry_capacity * ENTRY_SIZE
         )
+        offsets["chunk_links_offset"] = _align(offsets["access_offset"] + self.entry_capacity * U32)
         offsets["chunk_owners_offset"] = _align(
             offsets["chunk_links_offset"] + self.chunk_capacity * U32
         )
@@ -330,8 +376,8 @@ class Geometry:
 
         Raises ValueError when the size cannot hold ``MIN_ENTRIES`` entries.
         """
-        per_entry = ENTRY_SIZE + 2 * U32 + chunks_per_entry * (chunk_size + 2 * U32)
-        entries = int((segment_size - FIXED_SIZE - 4 * 64) // per_entry)
+        per_entry = ENTRY_SIZE + 3 * U32 + chunks_per_entry * (chunk_size + 2 * U32)
+        entries = int((segment_size - FIXED_SIZE - 5 * 64) // per_entry)
         while entries >= MIN_ENTRIES:
             buckets = 1 << max(entries - 1, 1).bit_length()
             geometry = cls(

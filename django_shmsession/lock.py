@@ -25,6 +25,7 @@ import logging
 import os
 import signal
 import struct
+import sys
 import threading
 import time
 import weakref
@@ -33,7 +34,13 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TypeVar
 
 from . import faults
-from .exceptions import CorruptTable, LockTimeout, ShmSessionError, UnsupportedPlatform
+from .exceptions import (
+    CorruptTable,
+    LockTimeout,
+    ShmSessionError,
+    UnsupportedPlatform,
+    WouldBlock,
+)
 from .layout import (
     ARBITER_LOCK_BYTE,
     CONTROL_OFFSET,
@@ -105,6 +112,28 @@ LOCK_STEPS = (
     "release:state=IDLE",
 )
 FAULT_POINTS = tuple(f"lock.{step}:{when}" for step in LOCK_STEPS for when in ("before", "after"))
+
+#: Under gevent, a contended wait polls with non-blocking tries this far apart, sleeping
+#: cooperatively in between (a blocking sem_timedwait would stop the whole hub).
+COOPERATIVE_SLEEP = 0.0005
+
+
+def _emit(records: list[tuple[int, str, tuple[Any, ...]]]) -> None:
+    """Log records queued under the lock (called after the release)."""
+    for level, message, args in records:
+        logger.log(level, message, *args)
+
+
+def _cooperative() -> bool:
+    """True when gevent has patched this process: waits must yield to other greenlets."""
+    monkey = sys.modules.get("gevent.monkey")
+    if monkey is None:
+        return False
+    try:
+        return bool(monkey.is_module_patched("threading"))
+    except Exception:  # pragma: no cover - an unexpected gevent: wait the blocking way
+        return False
+
 
 #: struct flock on Linux: l_type, l_whence, l_start, l_len, l_pid (+ padding), 32 bytes.
 _FLOCK = struct.Struct("hhqqi4x")
@@ -240,6 +269,8 @@ os.register_at_fork(after_in_child=_forget_claims_after_fork)
 class _ThreadClaim(threading.local):
     claim: _Claim | None = None
     owner: _ClaimOwner | None = None
+    #: Set by TableLock.without_waiting: raise WouldBlock instead of waiting or recovering.
+    no_wait: bool = False
 
 
 @dataclass
@@ -319,7 +350,14 @@ def _fault(step: str, when: str) -> None:
 class TableLock:
     """Cross-process, cross-thread mutex over one table (protocol: docs/lock-protocol.md)."""
 
-    def __init__(self, segment: Any, control: memoryview, timeout: float, recovery: Recovery):
+    def __init__(
+        self,
+        segment: Any,
+        control: memoryview,
+        timeout: float,
+        recovery: Recovery,
+        events: list[tuple[int, str, tuple[Any, ...]]] | None = None,
+    ):
         if not posix_ipc.SEMAPHORE_TIMEOUT_SUPPORTED:  # pragma: no cover - Linux supports it
             raise UnsupportedPlatform(
                 "this platform has no timed semaphore waits (sem_timedwait), so a crashed "
@@ -344,6 +382,9 @@ class TableLock:
         self.timeout = timeout
         self._recovery = recovery
         self._pending_word = recovery.pending_word
+        #: Log records queued under the lock (by the table, recovery and this lock), emitted by
+        #: the releasing thread after the post: nothing is logged while others wait.
+        self._events: list[tuple[int, str, tuple[Any, ...]]] = [] if events is None else events
         self._local = _ThreadClaim()
         self._claims: weakref.WeakSet[_Claim] = weakref.WeakSet()
         self._claim_lock = threading.Lock()
@@ -357,29 +398,35 @@ class TableLock:
 
         A ``CorruptTable`` from the operation lets the table repair, then retries once. The
         release is inlined in the ``finally``: no Python call (where a signal handler could raise)
-        separates the last table write from the post.
+        separates the last table write from the post. Called again by the thread that holds the
+        lock (inside ``SessionTable.batch``), it runs ``operation`` under the same hold.
 
         :raises LockTimeout: one live holder kept the lock for the whole timeout.
+        :raises WouldBlock: inside :meth:`without_waiting`, the call would have waited.
         """
         claim = self._local.claim
         if claim is None or claim.stale:
             claim = self._claim()
         control = self._control
+        token = claim.token
+        if control[CTL_LOCK_HOLDER] == token:
+            return self._run_nested(operation, args)
         registry = self._registry
         semaphore = self._semaphore
-        token = claim.token
         state = claim.state
-        adopted = False
+        events = self._events
+        queued = None
+        recover = True
         try:
             registry[state] = SLOT_ACQUIRING
             priority = control[CTL_LOCK_PRIORITY]
             if priority and priority != token:
-                adopted = self._acquire_contended(claim)
+                self._acquire_contended(claim)
             else:
                 try:
                     semaphore.acquire(0)
                 except posix_ipc.BusyError:
-                    adopted = self._acquire_contended(claim)
+                    self._acquire_contended(claim)
                 except posix_ipc.Error:
                     raise  # the trywait itself failed: nothing was taken
                 except BaseException:  # a signal handler raised after the trywait took it
@@ -389,6 +436,9 @@ class TableLock:
                     control[CTL_LOCK_HOLDER] = token
                     control[CTL_LOCK_EPOCH] += 1
             if self._pending_word[0] or control[CTL_REPAIR]:
+                if self._local.no_wait:
+                    recover = False
+                    raise WouldBlock("an interrupted write must be recovered first")
                 self._recover()
             try:
                 return operation(*args)
@@ -398,9 +448,12 @@ class TableLock:
         finally:
             if control[CTL_LOCK_HOLDER] == token:
                 try:
-                    if self._pending_word[0] or control[CTL_REPAIR]:
+                    if recover and (self._pending_word[0] or control[CTL_REPAIR]):
                         self._recover()  # an exception interrupted a write in this thread
                 finally:
+                    if events:
+                        queued = events[:]
+                        events.clear()
                     registry[state] = SLOT_RELEASING
                     control[CTL_LOCK_HOLDER] = 0
                     control[CTL_LOCK_EPOCH] += 1
@@ -408,12 +461,33 @@ class TableLock:
                     registry[state] = SLOT_IDLE
             else:
                 registry[state] = SLOT_IDLE
-            if adopted:
-                logger.warning(
-                    "django-shmsession: took over the session table lock of %s, which died "
-                    "holding it; its interrupted write was recovered",
-                    self._segment.name,
-                )
+            if queued:
+                _emit(queued)
+
+    def _run_nested(self, operation: Callable[..., _T], args: tuple[Any, ...]) -> _T:
+        """``operation`` under the hold this thread already has (inside a batch)."""
+        if self._pending_word[0] or self._control[CTL_REPAIR]:
+            self._recover()  # a write earlier in the batch was interrupted by an exception
+        try:
+            return operation(*args)
+        except CorruptTable as err:
+            self._recovery.corrupted(err)
+            return operation(*args)
+
+    def without_waiting(self, operation: Callable[..., _T], *args: Any, **kwargs: Any) -> _T:
+        """Call ``operation``, but raise WouldBlock wherever its lock calls would wait.
+
+        WouldBlock comes before the operation has done anything (when taking the lock), so the
+        caller may run the same call again in a thread that can wait.
+        """
+        local = self._local
+        if local.no_wait:
+            return operation(*args, **kwargs)
+        local.no_wait = True
+        try:
+            return operation(*args, **kwargs)
+        finally:
+            local.no_wait = False
 
     def _recover(self) -> None:
         recovery = self._recovery
@@ -486,6 +560,8 @@ class TableLock:
         :raises LockTimeout: the same live holder kept the lock, the epoch unmoved, for
             ``timeout`` seconds. On any exception this thread does not hold the lock.
         """
+        if self._local.no_wait:
+            raise WouldBlock("the session table lock is held by another thread or process")
         registry = self._registry
         control = self._control
         token = claim.token
@@ -520,8 +596,21 @@ class TableLock:
         if control[CTL_LOCK_PRIORITY] == claim.token:
             control[CTL_LOCK_PRIORITY] = 0
 
-    def _adopt(self, claim: _Claim) -> None:
-        """Become the holder of a token that died with its owner (caller holds the arbiter)."""
+    def _adopt(self, claim: _Claim, dead: str) -> None:
+        """Become the holder of a token that died with its owner (caller holds the arbiter).
+
+        ``dead`` says who died, for the log line queued here (emitted after the release).
+        """
+        since = self._registry[claim.since]
+        waited = f"{(time.monotonic_ns() - since) / 1e6:.0f} ms" if since else "no time"
+        self._events.append(
+            (
+                logging.WARNING,
+                "django-shmsession: took over the session table lock of %s from %s, which died "
+                "holding it, after waiting %s; its interrupted write was recovered",
+                (self._segment.name, dead, waited),
+            )
+        )
         control = self._control
         control[CTL_LOCK_HOLDER] = claim.token
         control[CTL_LOCK_EPOCH] += 1
@@ -547,6 +636,8 @@ class TableLock:
         posted back if this wait had taken it).
         """
         semaphore = self._semaphore
+        if _cooperative():
+            return self._wait_cooperatively(claim, timeout)
         handled = _signals_with_python_handlers()
         if not handled:
             try:
@@ -583,6 +674,26 @@ class TableLock:
             raise
         return acquired
 
+    def _wait_cooperatively(self, claim: _Claim, timeout: float) -> bool:
+        """One wait of ``timeout`` seconds made of non-blocking tries and gevent-patched sleeps
+        (so other greenlets run meanwhile); True if it took the semaphore."""
+        semaphore = self._semaphore
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                semaphore.acquire(0)
+            except posix_ipc.BusyError:
+                if time.monotonic() >= deadline:
+                    return False
+                time.sleep(COOPERATIVE_SLEEP)  # gevent's sleep: the hub runs other greenlets
+            except posix_ipc.Error:
+                raise  # the trywait itself failed: nothing was taken
+            except BaseException:  # a signal handler raised after the trywait took it
+                self._give_back(claim)
+                raise
+            else:
+                return True
+
     # -- adoption ---------------------------------------------------------------------------------
 
     def _adopt_recorded(self, claim: _Claim, holder: int, epoch: int) -> bool:
@@ -592,7 +703,9 @@ class TableLock:
             return False
         if self._token_alive(claim.fd, holder):
             return False
-        self._adopt(claim)
+        slot = token_slot(holder)
+        dead = self.describe_slot(slot) if 0 <= slot < SLOT_COUNT else "an unknown process"
+        self._adopt(claim, dead)
         return True
 
     def _scan(self, claim: _Claim, probe: int | None) -> str:
@@ -677,7 +790,7 @@ class TableLock:
         probe.clear_checks += 1
         if probe.clear_checks < 2:
             return None
-        self._adopt(claim)
+        self._adopt(claim, "a process that died while taking or releasing it")
         return True
 
     def recover_dead_holder(self, patience: float = 0.1) -> bool:
@@ -693,6 +806,7 @@ class TableLock:
         registry = self._registry
         registry[claim.state] = SLOT_ACQUIRING
         adopted = False
+        queued = None
         try:
             adopted = self._adopt_if_dead(claim, patience)
         finally:
@@ -700,9 +814,13 @@ class TableLock:
                 try:
                     self._recover()
                 finally:
+                    queued = self._events[:]
+                    self._events.clear()
                     self._release(claim)
             else:
                 registry[claim.state] = SLOT_IDLE
+            if queued:
+                _emit(queued)
         return adopted
 
     def _adopt_if_dead(self, claim: _Claim, patience: float) -> bool:
@@ -899,8 +1017,10 @@ class _Wait:
             detail = f"held by {who}"
         else:
             detail = "held by a process in the middle of taking or releasing it (it may be stopped)"
-        return LockTimeout(
+        error = LockTimeout(
             f"the session table lock was {detail} for more than {lock.timeout:g} s without "
             "progress; that process is alive but stuck (inspect it, e.g. with py-spy dump "
             "--pid), or raise the lock timeout if such long holds are expected"
         )
+        logger.error("django-shmsession: %s: %s", lock._segment.name, error)  # not holding it
+        return error

@@ -30,6 +30,8 @@ from .layout import (
     CTL_VALUE_BYTES,
     DESCRIPTOR,
     DESCRIPTOR_OFFSET,
+    DESCRIPTOR_PRIORITY_OFFSET,
+    DESCRIPTOR_WRITE,
     ENTRY,
     ENTRY_ACTIVE_OFFSET,
     ENTRY_HEAD,
@@ -40,6 +42,7 @@ from .layout import (
     ENTRY_STATE_OFFSET,
     KEY_MAX,
     NIL,
+    PRIORITY_CLASSES,
     U32,
 )
 from .segment import Segment
@@ -104,6 +107,8 @@ class TableMemory:
         self.buckets = self.u32_array(geometry.buckets_offset, geometry.bucket_count)
         self.links = self.u32_array(geometry.chunk_links_offset, geometry.chunk_capacity)
         self.owners = self.u32_array(geometry.chunk_owners_offset, geometry.chunk_capacity)
+        #: Coarse last-access second of each entry (a hint for LRU eviction: any value is safe).
+        self.access = self.u32_array(geometry.access_offset, geometry.entry_capacity)
         self.mask = geometry.bucket_count - 1
         self._write_words = self.control[_WORDS_SLICE]  # a view: no slice per write
         self._capacities = geometry.entry_capacity, geometry.chunk_capacity
@@ -125,7 +130,14 @@ class TableMemory:
 
     def release(self) -> None:
         """Drop the views so the mapping can be closed."""
-        views = (self._write_words, self.control, self.buckets, self.links, self.owners)
+        views = (
+            self._write_words,
+            self.control,
+            self.buckets,
+            self.access,
+            self.links,
+            self.owners,
+        )
         for view in (*views, self._whole):
             view.release()
 
@@ -312,16 +324,33 @@ class TableMemory:
         return fields
 
     def write_descriptor(
-        self, index: int, which: int, expires_at: float, length: int, first: int, crc: int
+        self,
+        index: int,
+        which: int,
+        expires_at: float,
+        length: int,
+        first: int,
+        crc: int,
+        priority: int,
     ) -> None:
-        DESCRIPTOR.pack_into(
+        DESCRIPTOR_WRITE.pack_into(
             self.mm,
             self.entries_offset + index * ENTRY_SIZE + _DESCRIPTORS[which],
             expires_at,
             length,
             first,
             crc,
+            priority,
         )
+
+    def priority(self, index: int, which: int) -> int:
+        """The priority class of descriptor ``which`` (a hint: clamped into range)."""
+        offset = self.entries_offset + index * ENTRY_SIZE + _DESCRIPTORS[which]
+        return min(self.mm[offset + DESCRIPTOR_PRIORITY_OFFSET], PRIORITY_CLASSES - 1)
+
+    def live_priority(self, index: int) -> int:
+        """The priority class of entry ``index``'s live value."""
+        return self.priority(index, self.active(index))
 
     # -- chunks ---------------------------------------------------------------------------------
 

@@ -13,15 +13,21 @@ after every store it implies.
 
 from __future__ import annotations
 
-from . import faults, integrity, writes
+import logging
+import time
+from typing import Any
+
+from . import eviction, faults, integrity, writes
 from .exceptions import CorruptTable
 from .intent import IntentLog
 from .layout import (
     CTL_CORRUPTION,
     CTL_ENTRIES_DROPPED,
+    CTL_HINTS_STALE,
     CTL_REPAIR,
     CTL_ROLLBACKS,
     ENTRY_USED,
+    INTENT_OP_NAMES,
     REPAIR_NEEDED,
     REPAIR_RUNNING,
 )
@@ -41,10 +47,17 @@ RECOVERY_FAULT_POINTS = (
 class TableRecovery:
     """Recovery for one mapped table; every method runs with the table lock held."""
 
-    def __init__(self, memory: TableMemory, log: IntentLog) -> None:
+    def __init__(
+        self,
+        memory: TableMemory,
+        log: IntentLog,
+        events: list[tuple[int, str, tuple[Any, ...]]] | None = None,
+    ) -> None:
         self._memory = memory
         self._control = memory.control
         self._log = log
+        #: Log records for the lock to emit once it is released (never logged under the lock).
+        self.events: list[tuple[int, str, tuple[Any, ...]]] = [] if events is None else events
         #: Nonzero while an intent is armed: the lock tests it inline (see lock.Recovery).
         self.pending_word = log.armed_word
 
@@ -60,14 +73,32 @@ class TableRecovery:
     def apply_intent(self) -> None:
         """Roll the armed write back or forward, then disarm; a damaged record asks a rebuild."""
         hook = faults.hook
+        started = time.perf_counter()
         intent = self._log.read()
         if intent is not None:
             try:
-                writes.recover(self._memory, intent, hook)
+                forward = writes.recover(self._memory, intent, hook)
                 self._control[CTL_ROLLBACKS] += 1
+                self._control[CTL_HINTS_STALE] = 1  # the write's class count may be missing
             except CorruptTable:
                 intent = None
+            else:
+                self._event(
+                    logging.WARNING,
+                    "django-shmsession: recovered an interrupted %s in the session table %s "
+                    "(rolled %s, %.2f ms); only that one write was affected",
+                    INTENT_OP_NAMES.get(intent.op, "write"),
+                    self._memory.segment.name,
+                    "forward" if forward else "back",
+                    (time.perf_counter() - started) * 1000,
+                )
         if intent is None:
+            self._event(
+                logging.ERROR,
+                "django-shmsession: the intent record of the session table %s is damaged; "
+                "rebuilding the table",
+                self._memory.segment.name,
+            )
             self._control[CTL_CORRUPTION] += 1
             self._control[CTL_REPAIR] = REPAIR_NEEDED
             if hook is not None:
@@ -80,21 +111,43 @@ class TableRecovery:
         """The full O(table) rebuild; REPAIR_RUNNING tells waiters a live repairer is at work."""
         hook = faults.hook
         control = self._control
+        started = time.perf_counter()
         control[CTL_REPAIR] = REPAIR_RUNNING
         if hook is not None:
             hook("repair:after-running")
         result = integrity.rebuild(self._memory)
+        eviction.recount(self._memory)  # exact class counts for stats()
+        control[CTL_HINTS_STALE] = 1  # and the expiry floors are recounted before evicting
         self._log.disarm()  # the rebuilt table supersedes any recorded intent
         control[CTL_ENTRIES_DROPPED] += result.dropped
         if hook is not None:
             hook("repair:after-rebuild")
         control[CTL_REPAIR] = 0
+        self._event(
+            logging.WARNING if result.dropped else logging.INFO,
+            "django-shmsession: rebuilt the session table %s in %.0f ms: kept %d sessions, "
+            "dropped %d that failed their checks%s",
+            self._memory.segment.name,
+            (time.perf_counter() - started) * 1000,
+            result.kept,
+            result.dropped,
+            f" ({'; '.join(result.problems[:3])})" if result.problems else "",
+        )
         return result
+
+    def _event(self, level: int, message: str, *args: Any) -> None:
+        self.events.append((level, message, args))
 
     def corrupted(self, err: CorruptTable) -> None:
         """After an operation raised ``err``: count it and leave the table consistent."""
         control = self._control
         control[CTL_CORRUPTION] += 1
+        self._event(
+            logging.ERROR,
+            "django-shmsession: corruption detected in the session table %s: %s",
+            self._memory.segment.name,
+            err,
+        )
         if self._log.armed:
             self.apply_intent()
         if (
@@ -109,6 +162,11 @@ class TableRecovery:
                     self.apply_intent()
             else:
                 control[CTL_ENTRIES_DROPPED] += 1
+                self._event(
+                    logging.WARNING,
+                    "django-shmsession: dropped one damaged session from the session table %s",
+                    self._memory.segment.name,
+                )
                 return
         control[CTL_REPAIR] = REPAIR_NEEDED
         self.rebuild()

@@ -32,7 +32,7 @@ import secrets
 import stat
 import time
 import zlib
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from typing import Any
@@ -221,10 +221,16 @@ class _Retry:
         self.delay = delay
 
 
-def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
+#: (control word, value) pairs a creator stores while initializing (settings it records).
+Recorded = Sequence[tuple[int, int]]
+
+
+def open_segment(name: str, size: int | None, chunk_size: int, recorded: Recorded = ()) -> Segment:
     """Open ``name``, creating and initializing it with ``size`` bytes if needed.
 
-    ``size=None`` opens an existing, intact pair only (SegmentNotFound otherwise).
+    ``size=None`` opens an existing, intact pair only (SegmentNotFound otherwise). A creator
+    stores each ``recorded`` (control word, value) while initializing, before the magic: so
+    every opener of an initialized segment sees them.
     """
     validate_name(name)
     if size is not None:
@@ -235,7 +241,7 @@ def open_segment(name: str, size: int | None, chunk_size: int) -> Segment:
         attempts += 1
         fd, created = _open_fd(name, size)
         try:
-            outcome = _open_under_init_lock(name, fd, size, chunk_size, created)
+            outcome = _open_under_init_lock(name, fd, size, chunk_size, created, recorded)
         except BaseException:
             os.close(fd)
             raise
@@ -358,7 +364,7 @@ def _require_private(info: os.stat_result, path: str) -> None:
 
 
 def _open_under_init_lock(
-    name: str, fd: int, size: int | None, chunk_size: int, created: bool
+    name: str, fd: int, size: int | None, chunk_size: int, created: bool, recorded: Recorded
 ) -> Segment | _Retry:
     _require_private(os.fstat(fd), segment_path(name))
     with _init_lock(fd):
@@ -380,7 +386,7 @@ def _open_under_init_lock(
                 "(with SHMSESSION['SIZE'] set) to initialize it"
             )
         if created:
-            return _initialize(name, fd, size, chunk_size)
+            return _initialize(name, fd, size, chunk_size, recorded)
         return _replace_if_abandoned(name, fd, info)
 
 
@@ -509,7 +515,7 @@ def _pair_of(fd: int, size: int, semaphore_id: FileId) -> PairIdentity:
 # -- creating: by the process that created the file, under its init lock --------------------------
 
 
-def _initialize(name: str, fd: int, size: int, chunk_size: int) -> Segment:
+def _initialize(name: str, fd: int, size: int, chunk_size: int, recorded: Recorded) -> Segment:
     """Reserve the pages, install a fresh semaphore, write the header (magic last)."""
     geometry = Geometry.plan(size, chunk_size)
     _reserve(name, fd, size)
@@ -522,7 +528,7 @@ def _initialize(name: str, fd: int, size: int, chunk_size: int) -> Segment:
     try:
         memory = mmap.mmap(fd, size)
         secret = secrets.token_bytes(16)
-        _write_header(memory, geometry, secret, semaphore_id)
+        _write_header(memory, geometry, secret, semaphore_id, recorded)
     except BaseException:
         semaphore.close()
         raise
@@ -622,7 +628,7 @@ def _reserve(name: str, fd: int, size: int) -> None:
 
 
 def _write_header(
-    memory: mmap.mmap, geometry: Geometry, secret: bytes, semaphore_id: FileId
+    memory: mmap.mmap, geometry: Geometry, secret: bytes, semaphore_id: FileId, recorded: Recorded
 ) -> None:
     MAGIC_STRUCT.pack_into(memory, MAGIC_OFFSET, INIT_MAGIC)
     raw = geometry_bytes(geometry, secret, semaphore_id)
@@ -635,6 +641,8 @@ def _write_header(
     control[CTL_FREE_CHUNK] = NIL
     control[CTL_ENTRY_HWM] = 0
     control[CTL_CHUNK_HWM] = 0
+    for word, value in recorded:
+        control[word] = value
     control.release()
     start = geometry.buckets_offset
     memory[start : start + geometry.bucket_count * U32] = b"\xff" * (geometry.bucket_count * U32)

@@ -37,6 +37,11 @@ from django_shmsession import conf
 from django_shmsession.segment import PairIdentity, current_pair
 from django_shmsession.table import SessionTable
 
+#: The table's eviction classes: when the table is full, anonymous sessions go first, so a flood
+#: of new anonymous sessions (a crawler, a bot) never pushes signed-in users out.
+ANONYMOUS, SIGNED_IN = 0, 1
+CLASS_NAMES = ("anonymous", "signed-in", "class 2", "class 3")
+
 logger = logging.getLogger("django_shmsession")
 
 #: Seconds between checks that the mapped pair is still the one named NAME.
@@ -156,13 +161,16 @@ def open_table(config: conf.ShmSessionConfig, *, create: bool) -> SessionTable:
     The table's own errors (LayoutMismatch for a segment created with another SIZE, ForeignSegment,
     SegmentTooLarge) already name the setting or command that fixes them, so they pass through.
     """
-    return SessionTable(
+    table = SessionTable(
         config.name,
         config.size if create else None,
         max_value_size=config.max_session_size,
         full_policy=config.full_policy,
         lock_timeout=config.lock_timeout,
     )
+    table.class_names = CLASS_NAMES
+    table.resize_hint = f"raise SHMSESSION['SIZE'] (now {config.size} bytes)"
+    return table
 
 
 def reset() -> None:

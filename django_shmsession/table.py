@@ -16,6 +16,7 @@ The lock is held only for table work: keys are hashed and values checksummed bef
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 import time
@@ -24,34 +25,60 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, ParamSpec, TypeVar
 
 from . import eviction, faults, index, integrity, segment, writes
-from .exceptions import ShmSessionError, TableFull, ValueTooLarge
+from .exceptions import (
+    SettingsMismatch,
+    ShmSessionError,
+    TableFull,
+    ValueTooLarge,
+)
 from .faults import set_fault_hook
 from .intent import IntentLog
 from .layout import (
+    APP_WORDS,
     COUNTERS,
+    CTL_APP_WORDS,
     CTL_CHUNKS_USED,
+    CTL_CLASS_ENTRIES,
+    CTL_CLASS_EVICTIONS,
     CTL_DELETES,
     CTL_ENTRIES,
     CTL_EVICTIONS,
     CTL_EXPIRED,
+    CTL_EXPIRY_FLOOR,
     CTL_GENERATION,
+    CTL_HINTS_STALE,
     CTL_HITS,
     CTL_MISSES,
     CTL_OVERSIZE,
     CTL_SETS,
+    CTL_SETTING_FULL_POLICY,
+    CTL_SETTING_MAX_VALUE,
     CTL_TABLE_FULL,
     CTL_VALUE_BYTES,
     DEFAULT_CHUNK_SIZE,
     ENTRY_USED,
     F_ACTIVE,
+    F_HASH,
+    F_KEY,
+    F_KEY_LEN,
+    FULL_POLICY_CODES,
     KEY_MAX,
     NIL,
+    PRIORITY_CLASSES,
 )
 from .lock import TableLock
 from .memory import CorruptEntry, TableMemory, Words
 from .recovery import RECOVERY_FAULT_POINTS, TableRecovery
 
-__all__ = ["FAULT_POINTS", "CheckReport", "SessionTable", "TableStats", "set_fault_hook"]
+__all__ = [
+    "FAULT_POINTS",
+    "PRIORITY_CLASSES",
+    "CheckReport",
+    "ScanItem",
+    "SessionTable",
+    "TableStats",
+    "set_fault_hook",
+]
 
 #: Every fault point of the table's writes and recovery (the lock's are ``lock.FAULT_POINTS``):
 #: ``"<write>:<before|after>-<store>"``, ``"recover-<write>:after-<store>"`` for the stores
@@ -62,9 +89,20 @@ _P = ParamSpec("_P")
 _T = TypeVar("_T")
 
 FULL_POLICIES = ("evict", "raise")
+DEFAULT_MAX_VALUE_SIZE = 65536
 _SET, _ADD, _REPLACE = 0, 1, 2
 #: Seconds clear_expired() sleeps between batches so waiting requests get the lock.
 SWEEP_PAUSE = 0.00005
+
+
+@dataclass(frozen=True)
+class ScanItem:
+    """One live entry as :meth:`SessionTable.scan` copied it out (verified, unexpired)."""
+
+    key: str
+    value: bytes
+    expires_at: float
+    priority: int
 
 
 @dataclass(frozen=True)
@@ -97,14 +135,19 @@ class TableStats:
     entries_dropped: int
     lock_timeouts: int
     generation: int
+    #: Live entries and evictions per priority class (index = class; hints, see eviction.py).
+    class_entries: tuple[int, ...] = ()
+    class_evictions: tuple[int, ...] = ()
 
     @property
     def occupancy(self) -> float:
         """Fraction of the scarcer resource (entries or chunks) in use."""
         return max(self.entries / self.entry_capacity, self.chunks_used / self.chunk_capacity)
 
-    def as_dict(self) -> dict[str, int | float | str]:
-        data: dict[str, int | float | str] = dict(asdict(self))
+    def as_dict(self) -> dict[str, Any]:
+        data: dict[str, Any] = dict(asdict(self))
+        data["class_entries"] = list(self.class_entries)
+        data["class_evictions"] = list(self.class_evictions)
         data["occupancy"] = round(self.occupancy, 6)
         return data
 
@@ -138,13 +181,24 @@ class SessionTable:
         name: str,
         size: int | None = None,
         *,
-        max_value_size: int = 65536,
-        full_policy: str = "evict",
+        max_value_size: int | None = None,
+        full_policy: str | None = None,
         lock_timeout: float = 10.0,
         clock: Callable[[], float] = time.time,
         chunk_size: int = DEFAULT_CHUNK_SIZE,
     ) -> None:
-        if full_policy not in FULL_POLICIES:
+        """Open (or, with ``size``, create) the table ``name``.
+
+        ``max_value_size`` and ``full_policy`` must agree between all processes: the creator
+        records them in the segment (defaults 65536 and "evict"); an opener that passes None
+        takes the recorded values, one that passes others gets SettingsMismatch.
+
+        :raises SettingsMismatch: a value differs from the one the creator recorded.
+        :raises SegmentNotFound: ``size`` is None and the table does not exist.
+        :raises LayoutMismatch: the segment was made by another layout version.
+        :raises SegmentTooLarge: /dev/shm has no room for ``size`` bytes.
+        """
+        if full_policy is not None and full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be 'evict' or 'raise', not {full_policy!r}")
         if not lock_timeout > 0:
             raise ValueError(
@@ -152,19 +206,37 @@ class SessionTable:
             )
         if size is not None and (not isinstance(size, int) or size <= 0):
             raise ValueError(f"size must be a positive number of bytes, not {size!r}")
-        self._segment = segment.open_segment(name, size, chunk_size)
-        geometry = self._segment.geometry
-        if not 0 < max_value_size <= geometry.data_capacity // 2:
-            self._segment.close()
-            raise ValueError(
-                f"max_value_size {max_value_size} must be between 1 and half the table's data "
-                f"space ({geometry.data_capacity // 2} bytes); create a larger table or lower it"
-            )
+        recorded = (
+            (CTL_SETTING_MAX_VALUE, max_value_size or DEFAULT_MAX_VALUE_SIZE),
+            (CTL_SETTING_FULL_POLICY, FULL_POLICY_CODES[full_policy or "evict"]),
+            (CTL_EXPIRY_FLOOR, eviction.NO_FLOOR),
+        )
+        self._segment = segment.open_segment(name, size, chunk_size, recorded)
         self._memory = TableMemory(self._segment)
         self._control = self._memory.control
+        self._access = self._memory.access
+        self._floors = eviction.Floors(self._memory)
+        geometry = self._segment.geometry
+        try:
+            max_value_size, full_policy = self._agreed_settings(max_value_size, full_policy)
+            if not 0 < max_value_size <= geometry.data_capacity // 2:
+                raise ValueError(
+                    f"max_value_size {max_value_size} must be between 1 and half the table's "
+                    f"data space ({geometry.data_capacity // 2} bytes); create a larger table "
+                    "or lower it"
+                )
+        except BaseException:
+            self._floors.release()
+            self._memory.release()
+            self._segment.close()
+            raise
         self._log = IntentLog(self._memory)
-        self._recovery = TableRecovery(self._memory, self._log)
-        self._lock = TableLock(self._segment, self._control, lock_timeout, self._recovery)
+        #: Log records made under the lock, emitted by the lock after it is released.
+        self._events: list[tuple[int, str, tuple[Any, ...]]] = []
+        self._recovery = TableRecovery(self._memory, self._log, self._events)
+        self._lock = TableLock(
+            self._segment, self._control, lock_timeout, self._recovery, self._events
+        )
         #: Runs an operation under the lock (recovering first and after, see lock.py); bound
         #: once, a call less per operation. A closed handle's lock refuses to run.
         self._locked = self._lock.run
@@ -174,6 +246,40 @@ class SessionTable:
         self._evict = full_policy == "evict"
         self._clock = clock
         self._closed = False
+        #: What log messages tell the user to do about a full table, and what they call each
+        #: priority class: the layer above sets both in its own terms (the table knows none).
+        self.resize_hint = "create a larger table"
+        self.class_names: tuple[str, ...] = tuple(f"class {n}" for n in range(PRIORITY_CLASSES))
+        self._eviction_log = _EvictionLog()
+
+    def _agreed_settings(
+        self, max_value_size: int | None, full_policy: str | None
+    ) -> tuple[int, str]:
+        """The settings this handle uses: those asked for, checked against the ones the
+        creator recorded, else the recorded ones.
+
+        A recorded value that no creator could have written (a damaged word) counts as not
+        recorded, and this handle records its own.
+        """
+        control = self._control
+        policies = {code: policy for policy, code in FULL_POLICY_CODES.items()}
+        stored = int(control[CTL_SETTING_MAX_VALUE])
+        valid = 0 < stored <= self._segment.geometry.data_capacity // 2
+        recorded_size = stored if valid else None
+        recorded_policy = policies.get(int(control[CTL_SETTING_FULL_POLICY]))
+        if max_value_size is not None and recorded_size not in (None, max_value_size):
+            raise SettingsMismatch(
+                self._segment.name, "max_value_size", recorded_size, max_value_size
+            )
+        if full_policy is not None and recorded_policy not in (None, full_policy):
+            raise SettingsMismatch(self._segment.name, "full_policy", recorded_policy, full_policy)
+        size = max_value_size or recorded_size or DEFAULT_MAX_VALUE_SIZE
+        policy = full_policy or recorded_policy or "evict"
+        if recorded_size is None:
+            control[CTL_SETTING_MAX_VALUE] = size
+        if recorded_policy is None:
+            control[CTL_SETTING_FULL_POLICY] = FULL_POLICY_CODES[policy]
+        return size, policy
 
     # -- public API -----------------------------------------------------------------------------
 
@@ -221,20 +327,89 @@ class SessionTable:
         encoded = self._encode_key(key)
         return self._locked(self._exists, encoded, self._memory.key_hash(encoded))
 
-    def set(self, key: str, value: bytes, expires_at: float) -> None:
-        """Insert or overwrite ``key``."""
-        self._store(key, value, expires_at, _SET)
+    def set(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> None:
+        """Insert or overwrite ``key``.
 
-    def add(self, key: str, value: bytes, expires_at: float) -> bool:
-        """Insert ``key`` only if no live entry has it; False otherwise (``must_create``)."""
-        return self._store(key, value, expires_at, _ADD)
+        ``priority`` is the entry's eviction class (0 to ``PRIORITY_CLASSES - 1``): when room is
+        needed, expired entries go first, then the lowest class present, least recently used
+        first (see :mod:`.eviction`).
 
-    def replace(self, key: str, value: bytes, expires_at: float) -> bool:
+        :raises ValueTooLarge: the value exceeds ``max_value_size``.
+        :raises TableFull: no room, and the policy is "raise".
+        """
+        self._store(key, value, expires_at, _SET, priority, True)
+
+    def add(
+        self, key: str, value: bytes, expires_at: float, priority: int = 0, *, evict: bool = True
+    ) -> bool:
+        """Insert ``key`` only if no live entry has it; False otherwise (``must_create``).
+
+        With ``evict=False`` no live entry is evicted to make room, whatever the policy (for
+        restoring a snapshot into a table that may be too small): expired ones are reclaimed,
+        then TableFull is raised.
+
+        :raises ValueTooLarge: the value exceeds ``max_value_size``.
+        :raises TableFull: no room, and the policy is "raise" or ``evict`` is False.
+        """
+        return self._store(key, value, expires_at, _ADD, priority, evict)
+
+    def replace(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool:
         """Overwrite ``key`` only if a live entry has it; False otherwise.
 
         An update never resurrects an entry deleted or expired meanwhile.
+
+        :raises ValueTooLarge: the value exceeds ``max_value_size``.
+        :raises TableFull: a growing update found no room, and the policy is "raise".
         """
-        return self._store(key, value, expires_at, _REPLACE)
+        return self._store(key, value, expires_at, _REPLACE, priority, True)
+
+    def scan(self, cursor: int = 0, batch_size: int = 256) -> tuple[list[ScanItem], int]:
+        """One batch of live entries from ``cursor`` on, and the cursor of the next batch.
+
+        Each batch is read under the lock (values verified, expired entries skipped), and the
+        lock is released between batches: an entry written meanwhile appears in its old or its
+        new state, never torn, and one deleted and re-added may appear twice (keep the
+        later-expiring copy). The returned cursor is 0 when the scan is complete.
+
+        :raises ValueError: ``batch_size`` is not positive or ``cursor`` is negative.
+        """
+        if batch_size <= 0:
+            raise ValueError("batch_size must be positive")
+        if not isinstance(cursor, int) or cursor < 0:
+            raise ValueError(f"cursor must be a non-negative int from scan(), not {cursor!r}")
+        return self._locked(self._scan, cursor, batch_size)
+
+    def batch(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Call ``operation`` holding the lock once for every table call it makes.
+
+        For bulk work (restoring a snapshot): each call inside runs without taking the lock
+        again. Keep batches short: every other process waits meanwhile.
+
+        :raises LockTimeout: as any table call.
+        """
+        result: _T = self._locked(_call, operation, args, kwargs)
+        return result
+
+    def inline(self, operation: Callable[_P, _T], *args: _P.args, **kwargs: _P.kwargs) -> _T:
+        """Call ``operation`` (a method of this table) only if that needs no waiting.
+
+        For an event loop: when the lock is not free at once, or an interrupted write must be
+        recovered first, WouldBlock is raised before anything was done, so the caller can run
+        the same call in a thread.
+
+        :raises WouldBlock: the call would have waited.
+        """
+        return self._lock.without_waiting(operation, *args, **kwargs)
+
+    def read_app_word(self, index: int) -> int:
+        """Word ``index`` of the words reserved for the layers above (one aligned load)."""
+        return int(self._control[CTL_APP_WORDS + self._app_word_index(index)])
+
+    def write_app_word(self, index: int, value: int) -> None:
+        """Store ``value`` (an unsigned 64-bit int) into app word ``index`` (one store)."""
+        if not isinstance(value, int) or not 0 <= value < 1 << 64:
+            raise ValueError(f"app words hold unsigned 64-bit ints, not {value!r}")
+        self._control[CTL_APP_WORDS + self._app_word_index(index)] = value
 
     def delete(self, key: str) -> bool:
         """Remove ``key``; True if a live entry was removed."""
@@ -307,6 +482,7 @@ class SessionTable:
         self._closed = True
         self._lock.close()
         self._log.release()
+        self._floors.release()
         self._memory.release()
         self._segment.close()
 
@@ -330,6 +506,12 @@ class SessionTable:
 
     # -- locking --------------------------------------------------------------------------------
 
+    @staticmethod
+    def _app_word_index(index: int) -> int:
+        if not isinstance(index, int) or not 0 <= index < APP_WORDS:
+            raise ValueError(f"app word index must be in range({APP_WORDS}), not {index!r}")
+        return index
+
     def _require_open(self) -> None:
         if self._closed:
             raise ShmSessionError("this SessionTable is closed; open a new one")
@@ -345,8 +527,14 @@ class SessionTable:
             raise ValueError(f"keys must be 1 to {KEY_MAX} bytes of UTF-8, got {key[:80]!r}")
         return encoded
 
-    def _store(self, key: str, value: bytes, expires_at: float, mode: int) -> bool:
+    def _store(
+        self, key: str, value: bytes, expires_at: float, mode: int, priority: int, evict: bool
+    ) -> bool:
         encoded = self._encode_key(key)
+        if priority.__class__ is not int or not 0 <= priority < PRIORITY_CLASSES:
+            raise ValueError(
+                f"priority must be an int from 0 to {PRIORITY_CLASSES - 1}, not {priority!r}"
+            )
         if not isinstance(value, bytes):
             raise TypeError(f"values must be bytes, not {type(value).__name__}")
         if len(value) > self._max_value_size:
@@ -358,7 +546,9 @@ class SessionTable:
         memory = self._memory
         key_hash = memory.key_hash(encoded)
         crc = memory.checksum(key_hash, expires_at, value)
-        return self._locked(self._write, encoded, key_hash, value, expires_at, crc, mode)
+        return self._locked(
+            self._write, encoded, key_hash, value, expires_at, crc, mode, priority, evict
+        )
 
     def _count(self, counter: int) -> None:
         self._control[counter] += 1
@@ -380,12 +570,16 @@ class SessionTable:
             control[CTL_MISSES] += 1
             return None
         expires_at, length, first, crc = index.descriptor_of(found, fields)
-        if expires_at <= self._clock():
+        now = self._clock()
+        if expires_at <= now:
             self._delete_index(found, fields)
             control[CTL_EXPIRED] += 1
             control[CTL_MISSES] += 1
             return None
         control[CTL_HITS] += 1
+        second = int(now) & 0xFFFFFFFF
+        if self._access[found] != second:  # coarse: at most one store per entry per second
+            self._access[found] = second
         return self._memory.read_value(found, first, length), expires_at, crc
 
     def _get(self, key: bytes, key_hash: int) -> bytes | None:
@@ -420,7 +614,15 @@ class SessionTable:
         return live
 
     def _write(
-        self, key: bytes, key_hash: int, value: bytes, expires_at: float, crc: int, mode: int
+        self,
+        key: bytes,
+        key_hash: int,
+        value: bytes,
+        expires_at: float,
+        crc: int,
+        mode: int,
+        priority: int,
+        evict: bool,
     ) -> bool:
         """Decide (insert, update or nothing), make room, then write."""
         memory = self._memory
@@ -428,11 +630,12 @@ class SessionTable:
         size = memory.chunk_size
         chunks = -(-len(value) // size)  # Geometry.chunks_for, inline (the hot path)
         old_chunks: int | None = None  # an insert
+        now = self._clock()
         if found != NIL:
             old = index.descriptor_of(found, fields)  # (expires_at, length, first, crc)
-            if mode == _ADD and old[0] > self._clock():
+            if mode == _ADD and old[0] > now:
                 return False
-            if mode == _REPLACE and old[0] <= self._clock():
+            if mode == _REPLACE and old[0] <= now:
                 self._delete_index(found, fields)
                 self._control[CTL_EXPIRED] += 1
                 return False
@@ -441,25 +644,71 @@ class SessionTable:
             return False
         words = memory.words()
         if not eviction.has_room(memory, words, found == NIL, chunks, old_chunks, self._reserve):
-            words = self._make_room(found == NIL, chunks, old_chunks, found)
+            words = self._make_room(found == NIL, chunks, old_chunks, found, evict)
+        control = self._control
         if found == NIL:
-            writes.insert(
-                memory, self._log, faults.hook, key, key_hash, words, value, expires_at, crc
+            found = writes.insert(
+                memory,
+                self._log,
+                faults.hook,
+                key,
+                key_hash,
+                words,
+                value,
+                expires_at,
+                crc,
+                priority,
             )
+            self._floors.lower(found, expires_at)  # after: the index is chosen by the insert
+            control[CTL_CLASS_ENTRIES + priority] += 1
         else:
             active = fields[F_ACTIVE]
+            old_priority = memory.priority(found, active)
+            self._floors.lower(found, expires_at)
             writes.update(
-                memory, self._log, faults.hook, found, active, old, words, value, expires_at, crc
+                memory,
+                self._log,
+                faults.hook,
+                found,
+                active,
+                old,
+                words,
+                value,
+                expires_at,
+                crc,
+                priority,
             )
-        self._control[CTL_SETS] += 1
+            if old_priority != priority:
+                self._uncount_class(old_priority)
+                control[CTL_CLASS_ENTRIES + priority] += 1
+        self._access[found] = int(now) & 0xFFFFFFFF
+        control[CTL_SETS] += 1
         return True
 
-    def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> None:
-        """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it."""
-        writes.delete(self._memory, self._log, faults.hook, found, fields)
+    def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> int:
+        """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it.
 
-    def _make_room(self, need_entry: bool, chunks: int, old: int | None, protect: int) -> Words:
-        """Reclaim expired entries, then (policy "evict") evict the soonest-expiring ones.
+        Returns the priority class the entry had.
+        """
+        memory = self._memory
+        active = memory.active(found) if fields is None else fields[F_ACTIVE]
+        priority = memory.priority(found, active)
+        writes.delete(memory, self._log, faults.hook, found, fields)
+        self._uncount_class(priority)
+        return priority
+
+    def _uncount_class(self, priority: int) -> None:
+        """One entry of class ``priority`` less; a count already at 0 was wrong: recount."""
+        control = self._control
+        if control[CTL_CLASS_ENTRIES + priority]:
+            control[CTL_CLASS_ENTRIES + priority] -= 1
+        else:
+            control[CTL_HINTS_STALE] = 1
+
+    def _make_room(
+        self, need_entry: bool, chunks: int, old: int | None, protect: int, evict: bool
+    ) -> Words:
+        """Reclaim expired entries, then (policy "evict", and ``evict``) evict live ones.
 
         ``old`` is the chunk count of the value an update replaces (None for an insert): an
         update that does not grow needs only the reserve, so it never evicts or fails. Returns
@@ -467,28 +716,87 @@ class SessionTable:
         when :func:`eviction.has_room` said no, so the common case costs no call here.
         """
         memory = self._memory
+        control = self._control
+        may_evict = self._evict and evict
+        if control[CTL_HINTS_STALE]:  # a write was interrupted: its hints may be missing
+            eviction.recount(memory)
+            self._floors.recount(self._live_expiry)
         words = memory.words()
         while not eviction.has_room(memory, words, need_entry, chunks, old, self._reserve):
-            victim, expired = eviction.pick_victim(
-                memory, protect, self._clock(), self._live_expiry
-            )
-            if victim == NIL or not (expired or self._evict):
-                self._control[CTL_TABLE_FULL] += 1
-                raise TableFull(
-                    f"the session table {self.name!r} is full "
-                    f"({self._control[CTL_ENTRIES]} entries, "
-                    f"{self._control[CTL_CHUNKS_USED]} of {memory.geometry.chunk_capacity} "
-                    "chunks used); create a larger table or use the 'evict' full policy"
-                )
+            if control[CTL_EXPIRY_FLOOR] <= self._clock() and self._reclaim(protect, False):
+                words = memory.words()
+                continue
+            victim, _expired, priority = eviction.pick_victim(memory, protect)
+            if victim == NIL or not may_evict:
+                if self._reclaim(protect, True):  # every range, before TableFull
+                    words = memory.words()
+                    continue
+                raise self._full(evict)
             self._delete_index(victim)
-            self._control[CTL_EXPIRED if expired else CTL_EVICTIONS] += 1
+            control[CTL_EVICTIONS] += 1
+            control[CTL_CLASS_EVICTIONS + priority] += 1
+            self._eviction_log.evicted(priority, self._events, self)
             words = memory.words()
         return words
+
+    def _reclaim(self, protect: int, every_range: bool) -> int:
+        """Remove expired entries (see :meth:`eviction.Floors.reclaim`); how many went."""
+        removed = self._floors.reclaim(
+            self._clock(), self._live_expiry, self._delete_index, protect, every_range
+        )
+        self._control[CTL_EXPIRED] += removed
+        return removed
+
+    def _full(self, evict: bool) -> TableFull:
+        control = self._control
+        memory = self._memory
+        control[CTL_TABLE_FULL] += 1
+        message = (
+            f"the session table {self.name!r} is full ({control[CTL_ENTRIES]} entries, "
+            f"{control[CTL_CHUNKS_USED]} of {memory.geometry.chunk_capacity} chunks used, none "
+            f"expired); {self.resize_hint}"
+        )
+        if evict:  # not a caller that asked for no eviction (a restore counts what did not fit)
+            message += " or use the 'evict' full policy" if not self._evict else ""
+            self._events.append((logging.ERROR, "django-shmsession: %s", (message,)))
+        return TableFull(message)
 
     # -- maintenance ----------------------------------------------------------------------------
 
     def _clear(self) -> int:
         return writes.clear(self._memory, self._log, faults.hook)
+
+    def _scan(self, cursor: int, batch_size: int) -> tuple[list[ScanItem], int]:
+        memory = self._memory
+        now = self._clock()
+        hwm = memory.entry_hwm()
+        items: list[ScanItem] = []
+        position = cursor
+        while position < hwm and len(items) < batch_size:
+            if memory.state(position) == ENTRY_USED:
+                item = self._scan_item(position, now)
+                if item is not None:
+                    items.append(item)
+            position += 1
+        return items, (position if position < hwm else 0)
+
+    def _scan_item(self, position: int, now: float) -> ScanItem | None:
+        """Entry ``position`` copied out and verified (None when it expired)."""
+        memory = self._memory
+        fields = memory.entry(position)
+        expires_at, length, first, crc = index.descriptor_of(position, fields)
+        if expires_at <= now:
+            return None
+        key_hash = fields[F_HASH]
+        value = memory.read_value(position, first, length)
+        if memory.checksum(key_hash, expires_at, value) != crc:
+            raise CorruptEntry(f"entry {position} failed its checksum", position)
+        try:
+            key = fields[F_KEY][: fields[F_KEY_LEN]].decode()
+        except UnicodeDecodeError:
+            raise CorruptEntry(f"entry {position} has a key that is not UTF-8", position) from None
+        priority = memory.priority(position, fields[F_ACTIVE])
+        return ScanItem(key, value, expires_at, priority)
 
     def _sweep(self, start: int, batch_size: int) -> tuple[int, int, bool]:
         memory = self._memory
@@ -521,5 +829,51 @@ class SessionTable:
             metadata_bytes=geometry.metadata_bytes,
             overhead_bytes=chunks_used * geometry.chunk_size - value_bytes,
             generation=control[CTL_GENERATION],
+            class_entries=tuple(
+                int(control[CTL_CLASS_ENTRIES + n]) for n in range(PRIORITY_CLASSES)
+            ),
+            class_evictions=tuple(
+                int(control[CTL_CLASS_EVICTIONS + n]) for n in range(PRIORITY_CLASSES)
+            ),
             **counters,
         )
+
+
+def _call(operation: Callable[..., _T], args: tuple[Any, ...], kwargs: dict[str, Any]) -> _T:
+    return operation(*args, **kwargs)
+
+
+class _EvictionLog:
+    """Rate-limited log lines about evictions: at most one per ``INTERVAL`` seconds per process,
+    with the count since the last line, WARNING when entries above class 0 were evicted."""
+
+    INTERVAL = 60.0
+
+    def __init__(self) -> None:
+        self.counts = [0] * PRIORITY_CLASSES
+        self.last = -float("inf")
+
+    def evicted(
+        self, priority: int, events: list[tuple[int, str, tuple[Any, ...]]], table: SessionTable
+    ) -> None:
+        """Count one eviction (lock held); queue a log line if the interval has passed."""
+        self.counts[priority] += 1
+        now = time.monotonic()
+        if now - self.last < self.INTERVAL:
+            return
+        total = sum(self.counts)
+        valued = total - self.counts[0]
+        detail = ", ".join(
+            f"{count} {table.class_names[n]}" for n, count in enumerate(self.counts) if count
+        )
+        since = "since the last report" if self.last > -float("inf") else "(first this process)"
+        level = logging.WARNING if valued else logging.INFO
+        events.append(
+            (
+                level,
+                "django-shmsession: the session table %s is full: evicted %d sessions %s (%s); %s",
+                (table.name, total, since, detail, table.resize_hint),
+            )
+        )
+        self.counts = [0] * PRIORITY_CLASSES
+        self.last = now

@@ -37,12 +37,16 @@ from .intent import Intent, IntentLog
 from .layout import (
     CTL_CHUNK_HWM,
     CTL_CHUNKS_USED,
+    CTL_CLASS_ENTRIES,
     CTL_DELETES,
     CTL_ENTRIES,
     CTL_ENTRY_HWM,
+    CTL_EVICT_CURSOR,
+    CTL_EXPIRY_FLOOR,
     CTL_FREE_CHUNK,
     CTL_FREE_ENTRY,
     CTL_GENERATION,
+    CTL_HINTS_STALE,
     CTL_VALUE_BYTES,
     ENTRY_FREE,
     ENTRY_USED,
@@ -55,6 +59,7 @@ from .layout import (
     INTENT_OP_INSERT,
     INTENT_OP_UPDATE,
     NIL,
+    PRIORITY_CLASSES,
     U32,
 )
 from .memory import TableMemory, Words
@@ -62,6 +67,13 @@ from .memory import TableMemory, Words
 __all__ = ["FAULT_POINTS", "clear", "delete", "insert", "recover", "update"]
 
 _U64 = 0xFFFFFFFFFFFFFFFF
+#: The eviction hints of an empty table (see :mod:`.eviction`): set by clear's fixed stores.
+_EMPTY_HINTS = (
+    *((CTL_CLASS_ENTRIES + klass, 0) for klass in range(PRIORITY_CLASSES)),
+    (CTL_EXPIRY_FLOOR, _U64),
+    (CTL_EVICT_CURSOR, 0),
+    (CTL_HINTS_STALE, 0),
+)
 #: How each op changes the entry count (indexed by op; clear is not checked this way).
 _ENTRY_DELTA = (0, 1, 0, -1, 0)
 
@@ -225,8 +237,9 @@ def insert(
     value: bytes,
     expires_at: float,
     crc: int,
+    priority: int,
 ) -> int:
-    """Add a new entry for ``key``; returns its index.
+    """Add a new entry for ``key`` with priority class ``priority``; returns its index.
 
     The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
     """
@@ -262,7 +275,7 @@ def insert(
     memory.write_head(index, key, key_hash, memory.buckets[bucket])
     if hook is not None:
         hook("insert:after-head")
-    memory.write_descriptor(index, 0, expires_at, length, first, crc)
+    memory.write_descriptor(index, 0, expires_at, length, first, crc, priority)
     if hook is not None:
         hook("insert:after-descriptor")
     memory.set_state(index, ENTRY_USED)  # commit
@@ -308,8 +321,9 @@ def update(
     value: bytes,
     expires_at: float,
     crc: int,
+    priority: int,
 ) -> None:
-    """Give entry ``index`` a new value and expiry.
+    """Give entry ``index`` a new value, expiry and priority class.
 
     The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
     ``active`` (checked) and ``old``, its live descriptor, are the entry as the lookup read it
@@ -341,7 +355,7 @@ def update(
     memory.write_value(first, value)
     if hook is not None:
         hook("update:after-value")
-    memory.write_descriptor(index, 1 - active, expires_at, length, first, crc)
+    memory.write_descriptor(index, 1 - active, expires_at, length, first, crc, priority)
     if hook is not None:
         hook("update:after-descriptor")
     memory.set_active(index, 1 - active)  # commit
@@ -530,6 +544,7 @@ def _finish_clear(memory: TableMemory, intent: Intent, hook: Hook, step: str) ->
         (CTL_ENTRIES, 0),
         (CTL_CHUNKS_USED, 0),
         (CTL_VALUE_BYTES, 0),
+        *_EMPTY_HINTS,
     ):
         control[word] = value
     if hook is not None:

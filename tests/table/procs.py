@@ -128,7 +128,7 @@ def lock_holder(conn: Conn, name: str, key: str, value: bytes, expires_at: float
     Reports ("holding", point, pid); after the test sends anything, finishes the write and
     reports ("done",). The test may instead SIGKILL it to get a dead holder.
     """
-    table = SessionTable(name, max_value_size=4096)  # 4 KiB fits even the smallest test table
+    table = SessionTable(name)  # the creator's max_value_size (tests create small tables)
     pause_at_first_point(conn)
     table.set(key, value, expires_at)
     conn.send(("done",))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from django_shmsession import integrity
+from django_shmsession import integrity, layout
 from django_shmsession.exceptions import ShmSessionError, ValueTooLarge
 from django_shmsession.table import CheckReport, SessionTable, TableStats, set_fault_hook
 
@@ -354,7 +354,9 @@ def test_stats_of_a_new_table(table: SessionTable, shm_name: str) -> None:
     assert isinstance(stats, TableStats)
     as_dict = stats.as_dict()
     assert set(as_dict) >= STAT_FIELDS
-    assert all(isinstance(v, int | float | str) for v in as_dict.values())
+    per_class = {"class_entries", "class_evictions"}
+    assert all(isinstance(v, int | float | str) for k, v in as_dict.items() if k not in per_class)
+    assert all(as_dict[k] == [0] * layout.PRIORITY_CLASSES for k in per_class)
     assert stats.name == shm_name
     assert stats.segment_size == table.size == 1024 * 1024
     assert stats.entries == stats.chunks_used == stats.value_bytes == 0

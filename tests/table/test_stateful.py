@@ -3,7 +3,9 @@
 A fake clock moves forward as a rule, so expiry is part of every run. The table is small, so
 values up to the maximum size fill it: with policy "evict" the model learns about evictions from
 ``stats().evictions`` (sampled eviction is not predictable, but every vanished key must be
-accounted for by the counter); with policy "raise" a TableFull must leave the model unchanged.
+accounted for by the counter, and no entry of a class may go while one of a lower class stays);
+with policy "raise" a TableFull must leave the model unchanged. Each write carries a priority
+class, and ``scan()`` must return exactly the model's live entries with their classes.
 """
 
 from __future__ import annotations
@@ -32,10 +34,11 @@ KEYS = st.sampled_from([f"k{i}" for i in range(20)] + ["é" * 32, "x" * 64])
 SIZES = st.one_of(st.integers(0, 600), st.integers(2048, MAX_VALUE), st.just(MAX_VALUE))
 LIFETIMES = st.sampled_from([0.5, 1.0, 5.0, 60.0, 3600.0, 86400.0, 864000.0])
 STEPS = st.sampled_from([0.25, 0.5, 1.0, 3.0, 30.0])
+CLASSES = st.integers(0, 2)
 
 
 class TableModel(RuleBasedStateMachine):
-    """The table under test next to ``model``: key -> (value, expires_at)."""
+    """The table under test next to ``model``: key -> (value, expires_at, priority)."""
 
     full_policy = "evict"
 
@@ -50,7 +53,7 @@ class TableModel(RuleBasedStateMachine):
             full_policy=self.full_policy,
             clock=self.clock,
         )
-        self.model: dict[str, tuple[bytes, float]] = {}
+        self.model: dict[str, tuple[bytes, float, int]] = {}
         self.version = 0
         self.evictions = 0
 
@@ -70,18 +73,20 @@ class TableModel(RuleBasedStateMachine):
         self.version += 1
         return value_for(key, size, self.version)
 
-    def write(self, operation: str, key: str, size: int, lifetime: float) -> bool | None:
+    def write(
+        self, operation: str, key: str, size: int, lifetime: float, priority: int = 0
+    ) -> bool | None:
         """Run a write; None when the table was full (policy "raise")."""
         value = self.value(key, size)
         expires_at = self.clock.now + lifetime
         try:
-            result = getattr(self.table, operation)(key, value, expires_at)
+            result = getattr(self.table, operation)(key, value, expires_at, priority)
         except TableFull:
             assert self.full_policy == "raise"
             event("table full")
             return None
         if result is not False:
-            self.model[key] = (value, expires_at)
+            self.model[key] = (value, expires_at, priority)
         self.account_for_evictions(key)
         return bool(result) if operation != "set" else True
 
@@ -98,6 +103,13 @@ class TableModel(RuleBasedStateMachine):
             if key != written and self.live(key) is not None and self.table.get(key) is None
         ]
         assert 0 < len(gone) <= evictions - self.evictions
+        highest = max(self.model[key][2] for key in gone)
+        stayed_lower = [
+            key
+            for key, (_v, _e, klass) in self.model.items()
+            if key not in gone and key != written and klass < highest and self.live(key)
+        ]
+        assert not stayed_lower, f"class {highest} evicted while {stayed_lower} stayed"
         for key in gone:
             del self.model[key]
         self.evictions = evictions
@@ -110,20 +122,20 @@ class TableModel(RuleBasedStateMachine):
         for i in range(count):
             self.write("set", f"base-{i}", 4000, lifetime)
 
-    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES)
-    def set(self, key: str, size: int, lifetime: float) -> None:
-        self.write("set", key, size, lifetime)
+    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES, priority=CLASSES)
+    def set(self, key: str, size: int, lifetime: float, priority: int) -> None:
+        self.write("set", key, size, lifetime, priority)
 
-    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES)
-    def add(self, key: str, size: int, lifetime: float) -> None:
+    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES, priority=CLASSES)
+    def add(self, key: str, size: int, lifetime: float, priority: int) -> None:
         was_live = self.live(key) is not None
-        result = self.write("add", key, size, lifetime)
+        result = self.write("add", key, size, lifetime, priority)
         assert result is None or result == (not was_live)
 
-    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES)
-    def replace(self, key: str, size: int, lifetime: float) -> None:
+    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES, priority=CLASSES)
+    def replace(self, key: str, size: int, lifetime: float, priority: int) -> None:
         was_live = self.live(key) is not None
-        result = self.write("replace", key, size, lifetime)
+        result = self.write("replace", key, size, lifetime, priority)
         assert result is None or result == was_live
 
     @rule(key=KEYS)
@@ -170,6 +182,24 @@ class TableModel(RuleBasedStateMachine):
     def every_live_key_holds_its_value(self) -> None:
         for key in list(self.model):
             assert self.table.get(key) == self.live(key), key
+
+    @invariant()
+    def a_scan_returns_the_live_entries_with_their_classes(self) -> None:
+        items, cursor = [], 0
+        while True:
+            batch, cursor = self.table.scan(cursor, batch_size=7)
+            items.extend(batch)
+            if cursor == 0:
+                break
+        scanned = {item.key: (item.value, item.expires_at, item.priority) for item in items}
+        assert len(scanned) == len(items), "a key appeared twice in one quiet scan"
+        live = {k: entry for k, entry in self.model.items() if self.live(k) is not None}
+        assert scanned == live
+
+    @invariant()
+    def the_class_counts_add_up(self) -> None:
+        stats = self.table.stats()
+        assert sum(stats.class_entries) == stats.entries
 
     @invariant()
     def the_table_is_consistent(self) -> None:
