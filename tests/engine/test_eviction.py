@@ -120,3 +120,26 @@ def test_a_login_moves_a_session_to_the_signed_in_class_and_a_logout_back(site: 
     assert table.stats().class_entries[:2] == (0, 1)
     client.logout()
     assert table.stats().class_entries[1] == 0
+
+
+@pytest.mark.slow
+def test_the_issue_flood_500_signed_in_then_200000_anonymous_in_16m(settings: Any) -> None:
+    """The issue's target, through the engine: SIZE 16M, 500 signed-in sessions first, then
+    200,000 new anonymous sessions; every signed-in session still loads afterwards."""
+    settings.SHMSESSION = {**settings.SHMSESSION, "SIZE": "16M"}
+    store.reset()
+    signed_in = []
+    for user_id in range(500):
+        session = SessionStore()
+        session.update({"_auth_user_id": str(user_id), "_auth_user_backend": "x", "cart": [1]})
+        session.create()
+        signed_in.append(session.session_key)
+    for i in range(200_000):
+        session = SessionStore()
+        session["visit"] = i
+        session.create()
+    stats = store.get_table().stats()
+    assert stats.evictions > 150_000
+    assert stats.class_evictions[1] == 0
+    for user_id, key in enumerate(signed_in):
+        assert SessionStore(key).load()["_auth_user_id"] == str(user_id)

@@ -131,8 +131,8 @@ def raw_mapping(name: str) -> Iterator[mmap.mmap]:
 
 # -- the recovery oracle -----------------------------------------------------------------------
 
-#: key -> (value, expires_at) of every committed entry, expired or not.
-Contents = dict[str, tuple[bytes, float]]
+#: key -> (value, expires_at, priority class) of every committed entry, expired or not.
+Contents = dict[str, tuple[bytes, float, int]]
 
 
 class _CopiedSegment:
@@ -166,7 +166,8 @@ def _contents(memory: Any) -> Contents:
         expires_at, length, first, _crc = memory.descriptor(index, active)
         key = bytes(memory.key(index, key_len)).decode()
         assert key not in found, f"key {key!r} is committed twice"
-        found[key] = (bytes(memory.read_value(index, first, length)), expires_at)
+        value = bytes(memory.read_value(index, first, length))
+        found[key] = (value, expires_at, memory.priority(index, active))
     return found
 
 
