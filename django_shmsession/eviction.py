@@ -37,6 +37,8 @@ from .layout import (
     CTL_EVICT_CURSOR,
     CTL_EXPIRY_FLOOR,
     CTL_HINTS_STALE,
+    ENTRY_HINTS,
+    ENTRY_SIZE,
     ENTRY_USED,
     FLOOR_REGIONS,
     FLOORS_OFFSET,
@@ -49,11 +51,10 @@ __all__ = [
     "EVICTION_PROBES",
     "EVICTION_SAMPLE",
     "NO_FLOOR",
-    "Floors",
+    "Hints",
     "Victim",
     "has_room",
     "pick_victim",
-    "recount",
 ]
 
 #: Entries sampled per eviction (Redis samples 5 by default).
@@ -94,26 +95,57 @@ def has_room(
     return capacity - used >= need
 
 
-class Floors:
-    """The per-range expiry floors of one mapped table (see the module docstring)."""
+class Hints:
+    """The eviction hints of one mapped table: class counts and per-range expiry floors.
+
+    The writes update them *before* they disarm their intent (:mod:`.writes` calls
+    :meth:`inserted`, :meth:`updated`, :meth:`deleted`), so a write interrupted anywhere leaves
+    an armed intent, whose recovery marks the hints stale (``CTL_HINTS_STALE``); they are then
+    recounted before the next eviction relies on them.
+    """
 
     def __init__(self, memory: TableMemory) -> None:
         self.memory = memory
-        self.words = memory.u32_array(FLOORS_OFFSET, FLOOR_REGIONS)
+        self.control = memory.control
+        self.floors = memory.u32_array(FLOORS_OFFSET, FLOOR_REGIONS)
         self.span = -(-memory.geometry.entry_capacity // FLOOR_REGIONS)
 
     def release(self) -> None:
-        self.words.release()
+        self.floors.release()
 
-    def lower(self, index: int, expires_at: float) -> None:
-        """Keep the floor of entry ``index``'s range at or below ``expires_at``."""
-        second = min(max(int(expires_at), 0), NO_FLOOR_U32)
+    # -- kept up to date by the writes -----------------------------------------------------------
+
+    def inserted(self, index: int, expires_at: float, priority: int) -> None:
+        self.control[CTL_CLASS_ENTRIES + priority] += 1
+        self._lower(index, expires_at)
+
+    def updated(self, index: int, expires_at: float, old_priority: int, priority: int) -> None:
+        if old_priority != priority:
+            self.deleted(old_priority)
+            self.control[CTL_CLASS_ENTRIES + priority] += 1
+        self._lower(index, expires_at)
+
+    def deleted(self, priority: int) -> None:
+        """One entry of class ``priority`` less; a count already at 0 was wrong: recount."""
+        control = self.control
+        if control[CTL_CLASS_ENTRIES + priority]:
+            control[CTL_CLASS_ENTRIES + priority] -= 1
+        else:
+            control[CTL_HINTS_STALE] = 1
+
+    def _lower(self, index: int, expires_at: float) -> None:
+        """Keep the floor of entry ``index``'s range (and the least floor) <= ``expires_at``."""
+        second = int(expires_at) if 0 < expires_at < NO_FLOOR_U32 else 0
+        floors = self.floors
         region = index // self.span
-        if second < self.words[region]:
-            self.words[region] = second
-        control = self.memory.control
-        if second < control[CTL_EXPIRY_FLOOR]:
-            control[CTL_EXPIRY_FLOOR] = second
+        if second < floors[region]:
+            floors[region] = second
+        # Checked apart: after clear() the least floor is reset but the range floors are not,
+        # and the least must stay at or below every floor a write relies on.
+        if second < self.control[CTL_EXPIRY_FLOOR]:
+            self.control[CTL_EXPIRY_FLOOR] = second
+
+    # -- used when making room -------------------------------------------------------------------
 
     def reclaim(
         self,
@@ -126,47 +158,86 @@ class Floors:
         """Delete the expired entries of the first range whose floor has passed (of every such
         range with ``every_range``), making those floors exact; returns how many went."""
         memory = self.memory
-        words = self.words
+        floors = self.floors
         hwm = memory.entry_hwm()
         removed = 0
-        for region, floor in enumerate(words.tolist()):
+        for region, floor in enumerate(floors.tolist()):
             if floor > now:
                 continue
             start = region * self.span
-            earliest = NO_FLOOR_U32
-            for index in range(start, min(start + self.span, hwm)):
-                if memory.state(index) != ENTRY_USED:
-                    continue
-                expiry = live_expiry(index)
-                if expiry <= now and index != protect:
+            expired, earliest = self._expired_in(start, min(start + self.span, hwm), now)
+            for index in expired:
+                if index != protect and live_expiry(index) <= now:  # checked via the entry
                     delete(index)
                     removed += 1
-                else:
-                    earliest = min(earliest, max(int(expiry), 0))
-            words[region] = earliest
+            floors[region] = earliest
             if removed and not every_range:
                 break
-        memory.control[CTL_EXPIRY_FLOOR] = min(words.tolist())
+        self.control[CTL_EXPIRY_FLOOR] = min(floors.tolist())
         return removed
 
-    def recount(self, live_expiry: Callable[[int], float]) -> None:
-        """Recompute every floor from the entries (after a rebuild or a stale mark)."""
+    def _expired_in(self, start: int, end: int, now: float) -> tuple[list[int], int]:
+        """The used entries in [start, end) whose live value expired, and the earliest whole
+        second at which one of the others expires (one ``iter_unpack``, nothing copied)."""
+        expired: list[int] = []
+        earliest = NO_FLOOR_U32
+        if end <= start:
+            return expired, earliest
+        view = self.memory.view(
+            self.memory.entries_offset + start * ENTRY_SIZE, (end - start) * ENTRY_SIZE
+        )
+        try:
+            for offset, fields in enumerate(ENTRY_HINTS.iter_unpack(view)):
+                state, active, expiry0, _p0, expiry1, _p1 = fields
+                if state != ENTRY_USED:
+                    continue
+                expiry = expiry1 if active & 1 else expiry0
+                if expiry <= now:
+                    expired.append(start + offset)
+                else:
+                    second = int(expiry) if expiry < NO_FLOOR_U32 else NO_FLOOR_U32
+                    earliest = min(earliest, second)
+        finally:
+            view.release()
+        return expired, earliest
+
+    def recount(self) -> None:
+        """Recompute the class counts and every floor from the entries, in one pass that copies
+        nothing but a few fields per entry (``ENTRY_HINTS``), and clear the stale mark."""
         memory = self.memory
+        counts = [0] * PRIORITY_CLASSES
         floors = [NO_FLOOR_U32] * FLOOR_REGIONS
-        for index in range(memory.entry_hwm()):
-            if memory.state(index) == ENTRY_USED:
-                region = index // self.span
-                floors[region] = min(floors[region], max(int(live_expiry(index)), 0))
+        top = PRIORITY_CLASSES - 1
+        span = self.span
+        start = memory.entries_offset
+        view = memory.view(start, memory.entry_hwm() * ENTRY_SIZE)
+        try:
+            for index, fields in enumerate(ENTRY_HINTS.iter_unpack(view)):
+                state, active, expiry0, priority0, expiry1, priority1 = fields
+                if state != ENTRY_USED:
+                    continue
+                expiry, priority = (expiry1, priority1) if active & 1 else (expiry0, priority0)
+                counts[min(priority, top)] += 1
+                second = int(expiry) if 0 < expiry < NO_FLOOR_U32 else 0
+                region = index // span
+                if second < floors[region]:
+                    floors[region] = second
+        finally:
+            view.release()
+        control = self.control
+        for klass, count in enumerate(counts):
+            control[CTL_CLASS_ENTRIES + klass] = count
         for region, floor in enumerate(floors):
-            self.words[region] = floor
-        memory.control[CTL_EXPIRY_FLOOR] = min(floors)
+            self.floors[region] = floor
+        control[CTL_EXPIRY_FLOOR] = min(floors)
+        control[CTL_HINTS_STALE] = 0
 
 
 def pick_victim(memory: TableMemory, protect: int) -> Victim:
     """The live entry to evict (see the module docstring); index NIL when there is none.
 
     ``protect`` (the entry being updated) is never picked. Expired entries are not looked for
-    here: :meth:`Floors.reclaim` has removed them first.
+    here: :meth:`Hints.reclaim` has removed them first.
     """
     best, best_rank = _sample(memory, protect)
     if best == NIL:
@@ -196,12 +267,17 @@ def _sample(memory: TableMemory, protect: int) -> tuple[int, tuple[int, int]]:
         sampled += 1
         if sampled >= EVICTION_SAMPLE:
             break
-    if best == NIL:  # sparse table: scan from a random start for any entry
+    if sampled < EVICTION_SAMPLE:  # sparse table: walk from a random start to fill the sample
         start = random.randrange(hwm)
         for offset in range(hwm):
             index = (start + offset) % hwm
             if index != protect and memory.state(index) == ENTRY_USED:
-                return index, (memory.live_priority(index), access[index])
+                rank = (memory.live_priority(index), access[index])
+                if rank < best_rank:
+                    best, best_rank = index, rank
+                sampled += 1
+                if sampled >= EVICTION_SAMPLE:
+                    break
     return best, best_rank
 
 
@@ -233,17 +309,5 @@ def _search_class(memory: TableMemory, protect: int, klass: int) -> int:
         ):
             control[CTL_EVICT_CURSOR] = (index + 1) % hwm
             return index
-    recount(memory)
+    control[CTL_HINTS_STALE] = 1  # the counts were wrong: recounted before the next eviction
     return NIL
-
-
-def recount(memory: TableMemory) -> None:
-    """Recompute the class counts from the entries (one pass) and clear the stale mark."""
-    control = memory.control
-    counts = [0] * PRIORITY_CLASSES
-    for index in range(memory.entry_hwm()):
-        if memory.state(index) == ENTRY_USED:
-            counts[memory.live_priority(index)] += 1
-    for klass, count in enumerate(counts):
-        control[CTL_CLASS_ENTRIES + klass] = count
-    control[CTL_HINTS_STALE] = 0

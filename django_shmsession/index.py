@@ -22,8 +22,10 @@ from .layout import (
     F_KEY,
     F_KEY_LEN,
     F_NEXT,
+    F_PRIORITY,
     F_STATE,
     NIL,
+    PRIORITY_CLASSES,
 )
 from .memory import TableMemory, pad_key
 
@@ -69,8 +71,14 @@ def descriptor_of(index: int, fields: tuple[Any, ...]) -> tuple[float, int, int,
     if active > 1:
         raise CorruptTable(f"entry {index} has an invalid active descriptor {active}")
     start = F_DESCRIPTORS + active * F_DESCRIPTOR_FIELDS
-    found: tuple[float, int, int, int] = fields[start : start + F_DESCRIPTOR_FIELDS]
+    found: tuple[float, int, int, int] = fields[start : start + 4]
     return found
+
+
+def priority_of(fields: tuple[Any, ...]) -> int:
+    """The priority class of an unpacked entry's live value (a hint, clamped into range)."""
+    klass: int = fields[F_DESCRIPTORS + (fields[F_ACTIVE] & 1) * F_DESCRIPTOR_FIELDS + F_PRIORITY]
+    return klass if klass < PRIORITY_CLASSES else PRIORITY_CLASSES - 1
 
 
 def predecessor(memory: TableMemory, bucket: int, index: int) -> int:

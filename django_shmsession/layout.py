@@ -273,12 +273,17 @@ DESCRIPTOR_PRIORITY_OFFSET = 20
 DESCRIPTOR_OFFSET = ENTRY_KEY_OFFSET + KEY_MAX  # 80
 ENTRY_SIZE = DESCRIPTOR_OFFSET + 2 * DESCRIPTOR.size  # 128
 #: The whole entry in one unpack (the lookup hot path): head, zero-padded key, both descriptors.
-ENTRY = struct.Struct("<BBBxIQ64sdIII4xdIII4x")
+ENTRY = struct.Struct("<BBBxIQ64sdIIIB3xdIIIB3x")
 #: Field positions in an ``ENTRY`` tuple; descriptor ``which`` starts at
-#: ``F_DESCRIPTORS + which * F_DESCRIPTOR_FIELDS`` with (expires_at, value_len, first_chunk, crc).
+#: ``F_DESCRIPTORS + which * F_DESCRIPTOR_FIELDS`` with (expires_at, value_len, first_chunk, crc,
+#: priority): the first four are the checked fields, ``F_PRIORITY`` is the hint.
 F_STATE, F_ACTIVE, F_KEY_LEN, F_NEXT, F_HASH, F_KEY = range(6)
 F_DESCRIPTORS = 6
-F_DESCRIPTOR_FIELDS = 4
+F_DESCRIPTOR_FIELDS = 5
+F_PRIORITY = 4
+#: What the hints' recount reads of each entry: state, active, and each descriptor's expiry and
+#: priority (one ``iter_unpack`` over the entry array: no key or value is copied).
+ENTRY_HINTS = struct.Struct("<BB78xd12xB3xd12xB3x")
 
 U32 = 4
 DEFAULT_CHUNK_SIZE = 512

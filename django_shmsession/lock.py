@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import importlib
 import logging
 import os
 import signal
@@ -269,8 +270,35 @@ os.register_at_fork(after_in_child=_forget_claims_after_fork)
 class _ThreadClaim(threading.local):
     claim: _Claim | None = None
     owner: _ClaimOwner | None = None
+
+
+class _Runner(Protocol):
+    def __call__(self, operation: Callable[..., _T], *args: Any) -> _T: ...
+
+
+class _CallFlags(threading.local):
     #: Set by TableLock.without_waiting: raise WouldBlock instead of waiting or recovering.
     no_wait: bool = False
+
+
+def _claim_storage() -> Any:
+    """Where each thread keeps its claim: per thread, and per *OS* thread under gevent.
+
+    gevent makes ``threading.local`` per greenlet: a worker with a thousand connections would
+    claim a thousand registry slots (there are 1,024 for every process together) and pay a
+    claim, a reopen and a slot scan, per request. Its greenlets share their thread's claim
+    instead, taking turns through a greenlet lock (see ``TableLock._run_gated``).
+    """
+    if not _cooperative():
+        return _ThreadClaim()
+    original: Any = sys.modules["gevent.monkey"].get_original("threading", "local")
+
+    class _OSThreadClaim(original):  # type: ignore[misc]
+        claim: _Claim | None = None
+        owner: _ClaimOwner | None = None
+        gate: Any = None
+
+    return _OSThreadClaim()
 
 
 @dataclass
@@ -385,7 +413,9 @@ class TableLock:
         #: Log records queued under the lock (by the table, recovery and this lock), emitted by
         #: the releasing thread after the post: nothing is logged while others wait.
         self._events: list[tuple[int, str, tuple[Any, ...]]] = [] if events is None else events
-        self._local = _ThreadClaim()
+        self._local = _claim_storage()
+        self._flags = _CallFlags()
+        self._gated = _cooperative()
         self._claims: weakref.WeakSet[_Claim] = weakref.WeakSet()
         self._claim_lock = threading.Lock()
         self._closed = False
@@ -393,7 +423,18 @@ class TableLock:
 
     # -- the critical section --------------------------------------------------------------------
 
+    def runner(self) -> _Runner:
+        """The ``run`` callers should bind once: :meth:`_run`, or under gevent
+        :meth:`_run_gated` (one greenlet at a time per thread). Returned, not stored on the
+        lock: a bound method in an attribute would make every lock a reference cycle, whose
+        views (and so its segment's pages) only a garbage collection would free."""
+        return self._run_gated if self._gated else self._run
+
     def run(self, operation: Callable[..., _T], *args: Any) -> _T:
+        """:meth:`_run` through :meth:`runner` (for callers that do not bind it)."""
+        return self.runner()(operation, *args)
+
+    def _run(self, operation: Callable[..., _T], *args: Any) -> _T:
         """Run ``operation`` holding the lock, after recovering any interrupted write.
 
         A ``CorruptTable`` from the operation lets the table repair, then retries once. The
@@ -436,7 +477,7 @@ class TableLock:
                     control[CTL_LOCK_HOLDER] = token
                     control[CTL_LOCK_EPOCH] += 1
             if self._pending_word[0] or control[CTL_REPAIR]:
-                if self._local.no_wait:
+                if self._flags.no_wait:
                     recover = False
                     raise WouldBlock("an interrupted write must be recovered first")
                 self._recover()
@@ -480,14 +521,28 @@ class TableLock:
         WouldBlock comes before the operation has done anything (when taking the lock), so the
         caller may run the same call again in a thread that can wait.
         """
-        local = self._local
-        if local.no_wait:
+        flags = self._flags
+        if flags.no_wait:
             return operation(*args, **kwargs)
-        local.no_wait = True
+        flags.no_wait = True
         try:
             return operation(*args, **kwargs)
         finally:
-            local.no_wait = False
+            flags.no_wait = False
+
+    def _run_gated(self, operation: Callable[..., _T], *args: Any) -> _T:
+        """:meth:`_run` for one greenlet at a time per thread (under gevent, where the greenlets
+        of a thread share its claim); the gate is a gevent lock, so waiting for it yields."""
+        local = self._local
+        gate = local.gate
+        if gate is None:  # gevent's RLock: owned by a greenlet, waiting for it yields
+            gate = local.gate = importlib.import_module("gevent.lock").RLock()
+        if not gate.acquire(blocking=not self._flags.no_wait):
+            raise WouldBlock("another greenlet of this thread is using the session table")
+        try:
+            return self._run(operation, *args)
+        finally:
+            gate.release()
 
     def _recover(self) -> None:
         recovery = self._recovery
@@ -525,7 +580,13 @@ class TableLock:
 
     def _lock_free_slot(self, fd: int) -> int:
         control = self._control
+        # The recorded holder's slot, if free, belongs to a dead holder not yet adopted: left
+        # alone, so its pid still names the dead process in the adopter's log line.
+        holder = control[CTL_LOCK_HOLDER]
+        dead_holders = token_slot(holder) if holder else -1
         for slot in range(SLOT_COUNT):
+            if slot == dead_holders:
+                continue
             if _try_ofd_lock(fd, SLOT_LOCK_BASE + slot):
                 if slot >= min(control[CTL_SLOT_HWM], SLOT_COUNT):
                     control[CTL_SLOT_HWM] = slot + 1
@@ -560,7 +621,7 @@ class TableLock:
         :raises LockTimeout: the same live holder kept the lock, the epoch unmoved, for
             ``timeout`` seconds. On any exception this thread does not hold the lock.
         """
-        if self._local.no_wait:
+        if self._flags.no_wait:
             raise WouldBlock("the session table lock is held by another thread or process")
         registry = self._registry
         control = self._control
@@ -703,9 +764,7 @@ class TableLock:
             return False
         if self._token_alive(claim.fd, holder):
             return False
-        slot = token_slot(holder)
-        dead = self.describe_slot(slot) if 0 <= slot < SLOT_COUNT else "an unknown process"
-        self._adopt(claim, dead)
+        self._adopt(claim, self._describe_dead(holder))
         return True
 
     def _scan(self, claim: _Claim, probe: int | None) -> str:
@@ -869,6 +928,16 @@ class TableLock:
         base = slot * SLOT_WORDS
         return int(self._registry[base + SW_PID]), int(self._registry[base + SW_TID])
 
+    def _describe_dead(self, token: int) -> str:
+        """Who held ``token`` (dead): its slot's pid, unless the slot was claimed again since
+        (by this adopter, say: a gunicorn replacement worker takes the lowest free slot)."""
+        slot = token_slot(token)
+        if not 0 <= slot < SLOT_COUNT:
+            return "an unknown process"
+        if self._registry[slot * SLOT_WORDS + SW_INCARNATION] != token_incarnation(token):
+            return "a process whose registry slot has been reused since"
+        return self.describe_slot(slot)
+
     def describe_slot(self, slot: int) -> str:
         base = slot * SLOT_WORDS
         pid, tid = self._registry[base + SW_PID], self._registry[base + SW_TID]
@@ -880,7 +949,7 @@ class TableLock:
             self._closed = True
             for claim in list(self._claims):
                 claim.drop()
-            self._local = _ThreadClaim()
+            self._local = _claim_storage()
         for view in self._views:
             view.release()
 

@@ -124,6 +124,10 @@ class TableMemory:
         """``count`` u32 words at ``offset`` as an ``"I"`` view (the caller releases its own)."""
         return self._whole[offset : offset + count * U32].cast("I")
 
+    def view(self, offset: int, length: int) -> memoryview:
+        """``length`` bytes at ``offset`` as a view, without a copy (the caller releases it)."""
+        return self._whole[offset : offset + length]
+
     def word_view(self, offset: int) -> memoryview:
         """One aligned u64 at ``offset`` as a ``"Q"`` view (a single store; caller releases)."""
         return self._whole[offset : offset + 8].cast("Q")

@@ -51,9 +51,11 @@ class TableRecovery:
         self,
         memory: TableMemory,
         log: IntentLog,
+        hints: eviction.Hints,
         events: list[tuple[int, str, tuple[Any, ...]]] | None = None,
     ) -> None:
         self._memory = memory
+        self._hints = hints
         self._control = memory.control
         self._log = log
         #: Log records for the lock to emit once it is released (never logged under the lock).
@@ -116,8 +118,7 @@ class TableRecovery:
         if hook is not None:
             hook("repair:after-running")
         result = integrity.rebuild(self._memory)
-        eviction.recount(self._memory)  # exact class counts for stats()
-        control[CTL_HINTS_STALE] = 1  # and the expiry floors are recounted before evicting
+        self._hints.recount()
         self._log.disarm()  # the rebuilt table supersedes any recorded intent
         control[CTL_ENTRIES_DROPPED] += result.dropped
         if hook is not None:
@@ -156,7 +157,7 @@ class TableRecovery:
             and self._memory.state(err.index) == ENTRY_USED
         ):
             try:
-                writes.delete(self._memory, self._log, faults.hook, err.index)
+                writes.delete(self._memory, self._log, faults.hook, err.index, self._hints)
             except CorruptTable:
                 if self._log.armed:
                     self.apply_intent()

@@ -200,6 +200,10 @@ class SessionTable:
         """
         if full_policy is not None and full_policy not in FULL_POLICIES:
             raise ValueError(f"full_policy must be 'evict' or 'raise', not {full_policy!r}")
+        if max_value_size is not None and (
+            not isinstance(max_value_size, int) or max_value_size <= 0
+        ):
+            raise ValueError(f"max_value_size must be a positive int, not {max_value_size!r}")
         if not lock_timeout > 0:
             raise ValueError(
                 f"lock_timeout must be a positive number of seconds, not {lock_timeout!r}"
@@ -215,7 +219,7 @@ class SessionTable:
         self._memory = TableMemory(self._segment)
         self._control = self._memory.control
         self._access = self._memory.access
-        self._floors = eviction.Floors(self._memory)
+        self._hints = eviction.Hints(self._memory)
         geometry = self._segment.geometry
         try:
             max_value_size, full_policy = self._agreed_settings(max_value_size, full_policy)
@@ -226,20 +230,20 @@ class SessionTable:
                     "or lower it"
                 )
         except BaseException:
-            self._floors.release()
+            self._hints.release()
             self._memory.release()
             self._segment.close()
             raise
         self._log = IntentLog(self._memory)
         #: Log records made under the lock, emitted by the lock after it is released.
         self._events: list[tuple[int, str, tuple[Any, ...]]] = []
-        self._recovery = TableRecovery(self._memory, self._log, self._events)
+        self._recovery = TableRecovery(self._memory, self._log, self._hints, self._events)
         self._lock = TableLock(
             self._segment, self._control, lock_timeout, self._recovery, self._events
         )
         #: Runs an operation under the lock (recovering first and after, see lock.py); bound
         #: once, a call less per operation. A closed handle's lock refuses to run.
-        self._locked = self._lock.run
+        self._locked = self._lock.runner()
         self._max_value_size = max_value_size
         #: Chunks kept free for updates that do not grow (see :mod:`.eviction`).
         self._reserve = geometry.chunks_for(max_value_size)
@@ -394,8 +398,11 @@ class SessionTable:
         """Call ``operation`` (a method of this table) only if that needs no waiting.
 
         For an event loop: when the lock is not free at once, or an interrupted write must be
-        recovered first, WouldBlock is raised before anything was done, so the caller can run
-        the same call in a thread.
+        recovered first, WouldBlock is raised where the lock would be taken, so the caller can
+        run the same call in a thread. For the methods that take the lock once (set, add,
+        replace, delete, exists, stats, scan, and get unless a checksum fails outside the lock)
+        nothing was done; the others (clear_expired, check) may have completed earlier steps,
+        each of which is whole, so calling them again is still right.
 
         :raises WouldBlock: the call would have waited.
         """
@@ -482,7 +489,7 @@ class SessionTable:
         self._closed = True
         self._lock.close()
         self._log.release()
-        self._floors.release()
+        self._hints.release()
         self._memory.release()
         self._segment.close()
 
@@ -658,52 +665,31 @@ class SessionTable:
                 expires_at,
                 crc,
                 priority,
+                self._hints,
             )
-            self._floors.lower(found, expires_at)  # after: the index is chosen by the insert
-            control[CTL_CLASS_ENTRIES + priority] += 1
         else:
-            active = fields[F_ACTIVE]
-            old_priority = memory.priority(found, active)
-            self._floors.lower(found, expires_at)
             writes.update(
                 memory,
                 self._log,
                 faults.hook,
                 found,
-                active,
+                fields[F_ACTIVE],
                 old,
                 words,
                 value,
                 expires_at,
                 crc,
                 priority,
+                self._hints,
+                index.priority_of(fields),
             )
-            if old_priority != priority:
-                self._uncount_class(old_priority)
-                control[CTL_CLASS_ENTRIES + priority] += 1
         self._access[found] = int(now) & 0xFFFFFFFF
         control[CTL_SETS] += 1
         return True
 
-    def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> int:
-        """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it.
-
-        Returns the priority class the entry had.
-        """
-        memory = self._memory
-        active = memory.active(found) if fields is None else fields[F_ACTIVE]
-        priority = memory.priority(found, active)
-        writes.delete(memory, self._log, faults.hook, found, fields)
-        self._uncount_class(priority)
-        return priority
-
-    def _uncount_class(self, priority: int) -> None:
-        """One entry of class ``priority`` less; a count already at 0 was wrong: recount."""
-        control = self._control
-        if control[CTL_CLASS_ENTRIES + priority]:
-            control[CTL_CLASS_ENTRIES + priority] -= 1
-        else:
-            control[CTL_HINTS_STALE] = 1
+    def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> None:
+        """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it."""
+        writes.delete(self._memory, self._log, faults.hook, found, self._hints, fields)
 
     def _make_room(
         self, need_entry: bool, chunks: int, old: int | None, protect: int, evict: bool
@@ -719,8 +705,7 @@ class SessionTable:
         control = self._control
         may_evict = self._evict and evict
         if control[CTL_HINTS_STALE]:  # a write was interrupted: its hints may be missing
-            eviction.recount(memory)
-            self._floors.recount(self._live_expiry)
+            self._hints.recount()
         words = memory.words()
         while not eviction.has_room(memory, words, need_entry, chunks, old, self._reserve):
             if control[CTL_EXPIRY_FLOOR] <= self._clock() and self._reclaim(protect, False):
@@ -740,8 +725,8 @@ class SessionTable:
         return words
 
     def _reclaim(self, protect: int, every_range: bool) -> int:
-        """Remove expired entries (see :meth:`eviction.Floors.reclaim`); how many went."""
-        removed = self._floors.reclaim(
+        """Remove expired entries (see :meth:`eviction.Hints.reclaim`); how many went."""
+        removed = self._hints.reclaim(
             self._clock(), self._live_expiry, self._delete_index, protect, every_range
         )
         self._control[CTL_EXPIRED] += removed

@@ -18,7 +18,7 @@ Fault points (``faults.hook``) sit before the first and after every store, named
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from .alloc import (
     ChunkPlan,
@@ -32,7 +32,7 @@ from .alloc import (
     undo_take_entry,
 )
 from .exceptions import CorruptTable
-from .index import descriptor_of, predecessor
+from .index import descriptor_of, predecessor, priority_of
 from .intent import Intent, IntentLog
 from .layout import (
     CTL_CHUNK_HWM,
@@ -63,6 +63,9 @@ from .layout import (
     U32,
 )
 from .memory import TableMemory, Words
+
+if TYPE_CHECKING:
+    from .eviction import Hints
 
 __all__ = ["FAULT_POINTS", "clear", "delete", "insert", "recover", "update"]
 
@@ -238,10 +241,12 @@ def insert(
     expires_at: float,
     crc: int,
     priority: int,
+    hints: Hints,
 ) -> int:
     """Add a new entry for ``key`` with priority class ``priority``; returns its index.
 
     The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
+    ``hints`` are updated before the disarm (see :class:`eviction.Hints`).
     """
     index, from_hwm, succ = plan_entry(memory, words[0], words[2])
     length = len(value)
@@ -282,6 +287,7 @@ def insert(
     if hook is not None:
         hook("insert:after-commit")
     _finish_insert(memory, hook, "insert", bucket, index, counts)
+    hints.inserted(index, expires_at, priority)
     log.disarm()
     if hook is not None:
         hook("insert:after-disarm")
@@ -322,8 +328,11 @@ def update(
     expires_at: float,
     crc: int,
     priority: int,
+    hints: Hints,
+    old_priority: int,
 ) -> None:
-    """Give entry ``index`` a new value, expiry and priority class.
+    """Give entry ``index`` a new value, expiry and priority class (``old_priority`` is the
+    class of the value it replaces).
 
     The caller made room; ``words`` are the checked :meth:`TableMemory.words` as of now.
     ``active`` (checked) and ``old``, its live descriptor, are the entry as the lookup read it
@@ -362,6 +371,7 @@ def update(
     if hook is not None:
         hook("update:after-commit")
     _finish_update(memory, hook, "update", (freed_first, freed, plan[5]), counts)
+    hints.updated(index, expires_at, old_priority, priority)
     log.disarm()
     if hook is not None:
         hook("update:after-disarm")
@@ -387,6 +397,7 @@ def delete(
     log: IntentLog,
     hook: Hook,
     index: int,
+    hints: Hints,
     fields: tuple[Any, ...] | None = None,
 ) -> int:
     """Remove entry ``index`` (which must be used); returns the length of its value.
@@ -433,6 +444,7 @@ def delete(
         (freed_first, freed, words[1]),
         counts,
     )
+    hints.deleted(priority_of(fields))
     log.disarm()
     if hook is not None:
         hook("delete:after-disarm")
