@@ -668,7 +668,7 @@ class TableLock:
             (
                 logging.WARNING,
                 "django-shmsession: took over the session table lock of %s from %s, which died "
-                "holding it, after waiting %s; its interrupted write was recovered",
+                "holding it, after waiting %s",
                 (self._segment.name, dead, waited),
             )
         )
