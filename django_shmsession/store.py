@@ -66,7 +66,7 @@ os.register_at_fork(after_in_child=_new_open_lock_after_fork)
 _retired: list[weakref.ref[SessionTable]] = []
 
 # Settings whose change must drop the cached handle and config (tests override them).
-WATCHED_SETTINGS = frozenset({conf.SETTING, "BASE_DIR", "SESSION_SERIALIZER"})
+WATCHED_SETTINGS = frozenset({conf.SETTING, "SECRET_KEY", "SESSION_SERIALIZER"})
 
 
 def get_table() -> SessionTable:
