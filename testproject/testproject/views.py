@@ -32,6 +32,11 @@ def incr(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"count": count, "pid": os.getpid()})
 
 
+async def aget(request: HttpRequest) -> JsonResponse:
+    """`GET /aget`: the value of "foo", read by an async view on the event loop (under ASGI)."""
+    return JsonResponse({"foo": await request.session.aget("foo"), "pid": os.getpid()})
+
+
 def ping(request: HttpRequest) -> JsonResponse:
     """`GET /ping`: never touches the session (the benchmarks' baseline)."""
     return JsonResponse({"pong": True, "pid": os.getpid()})

@@ -40,9 +40,9 @@ def test_default_size_fits_dockers_default_dev_shm() -> None:
     if os.geteuid() != 0:  # pragma: no cover - CI and the dev machines run as root
         pytest.fail("this test mounts a tmpfs in a mount namespace and needs root")
     mount = f"mount -t tmpfs -o size={DOCKER_SHM},mode=1777 tmpfs /dev/shm"
+    prefix = ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mount} && exec "$@"']
     result = subprocess.run(
-        ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mount} && exec "$@"']
-        + ["sh", sys.executable, "-c", _CHILD],
+        [*prefix, "sh", sys.executable, "-c", _CHILD],
         cwd=REPO,
         capture_output=True,
         text=True,

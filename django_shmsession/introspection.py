@@ -1,0 +1,260 @@
+"""What ``manage.py shmsession list|sessions|logout|stats --format prometheus`` report.
+
+Kept apart from the command so each piece is a plain function with a plain result: the tables
+of this user in /dev/shm (found by opening each candidate the way a worker would: the table
+layer alone knows what one of ours looks like), the live sessions of a table (from the table's
+batched ``scan``, decoded with the engine's serializer to find the user id, never printing
+values), one user's sessions deleted, and the stats in Prometheus' text format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from django_shmsession import conf, store
+from django_shmsession.exceptions import NotATable, ShmSessionError
+from django_shmsession.platform import SHM_DIR
+from django_shmsession.table import SessionTable
+
+__all__ = [
+    "SHM_DIR",
+    "SessionInfo",
+    "TableInfo",
+    "list_tables",
+    "logout",
+    "mapped_by",
+    "prometheus",
+    "sessions",
+]
+
+#: Characters of a session key shown by ``sessions``: enough to tell sessions apart in a support
+#: request, far too few to use as a cookie (keys are 32 characters).
+KEY_PREFIX = 8
+
+
+def _utc(timestamp: float) -> str:
+    moment = datetime.datetime.fromtimestamp(timestamp, datetime.timezone.utc)
+    return moment.isoformat(timespec="seconds")
+
+
+# -- list -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TableInfo:
+    """One table found in /dev/shm (``state`` is "ok" or why it cannot be opened)."""
+
+    name: str
+    size: int
+    created: float
+    state: str = "ok"
+    entries: int | None = None
+    mapped_by: list[tuple[int, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["created_utc"] = _utc(self.created)
+        data["mapped_by"] = [{"pid": pid, "command": cmd} for pid, cmd in self.mapped_by]
+        return data
+
+    def describe(self) -> str:
+        entries = "?" if self.entries is None else str(self.entries)
+        pids = ", ".join(f"{pid} ({cmd})" for pid, cmd in self.mapped_by) or "no process"
+        return (
+            f"{self.name}  {self.size} bytes  {entries} entries  created {_utc(self.created)}  "
+            f"mapped by {pids}  {self.state}"
+        )
+
+
+def list_tables(config: conf.ShmSessionConfig) -> list[TableInfo]:
+    """Every django-shmsession table of this user in /dev/shm, sorted by name.
+
+    A candidate is a regular file of this user whose name could be a table's; it is one of ours
+    when the table layer opens it (or refuses it for a reason only one of ours can have: another
+    layout version, a broken pair, a corrupt header). Opening never creates or changes anything.
+    """
+    found = []
+    for entry in sorted(os.scandir(SHM_DIR), key=lambda e: e.name):
+        name = f"/{entry.name}"
+        if entry.name.startswith("sem.") or not conf.NAME_RE.match(name):
+            continue
+        try:
+            info = entry.stat(follow_symlinks=False)
+        except FileNotFoundError:
+            continue
+        if not entry.is_file(follow_symlinks=False) or info.st_uid != os.geteuid():
+            continue
+        table = _describe(dataclasses.replace(config, name=name), info)
+        if table is not None:
+            found.append(table)
+    return found
+
+
+def _describe(config: conf.ShmSessionConfig, info: os.stat_result) -> TableInfo | None:
+    """The table's description, or None when the file is not a django-shmsession table."""
+    # A table's file is never resized after creation: its ctime is when it was made.
+    base = TableInfo(config.name, info.st_size, info.st_ctime, mapped_by=mapped_by(info))
+    try:
+        table = store.open_table(config, create=False)
+    except NotATable:
+        return None
+    except (ShmSessionError, ValueError) as err:
+        return dataclasses.replace(base, state=f"{type(err).__name__}: {err}")
+    with table:
+        return dataclasses.replace(base, entries=table.stats().entries)
+
+
+def mapped_by(info: os.stat_result) -> list[tuple[int, str]]:
+    """(pid, command) of every process (that this user may inspect) mapping the file ``info``
+    describes, this process excepted; from /proc/<pid>/maps, matched by device and inode."""
+    wanted = (info.st_dev, info.st_ino)
+    found = []
+    for pid_dir in os.listdir("/proc"):
+        if not pid_dir.isdigit() or int(pid_dir) == os.getpid():
+            continue
+        if wanted in _mapped_files(int(pid_dir)):
+            found.append((int(pid_dir), _command(int(pid_dir))))
+    return sorted(found)
+
+
+_MAPS_LINE = re.compile(r"^\S+ \S+ \S+ ([0-9a-f]+):([0-9a-f]+) (\d+)\s+/dev/shm/")
+
+
+def _mapped_files(pid: int) -> set[tuple[int, int]]:
+    try:
+        with open(f"/proc/{pid}/maps") as maps:
+            lines = maps.readlines()
+    except OSError:  # gone meanwhile, or another user's process
+        return set()
+    found = set()
+    for line in lines:
+        match = _MAPS_LINE.match(line)
+        if match:
+            major, minor, inode = int(match[1], 16), int(match[2], 16), int(match[3])
+            found.add((os.makedev(major, minor), inode))
+    return found
+
+
+def _command(pid: int) -> str:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as file:
+            words = file.read().split(b"\0")
+    except OSError:
+        return "?"
+    return " ".join(w.decode(errors="replace") for w in words if w)[:80]
+
+
+# -- sessions and logout ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SessionInfo:
+    """One live session, described without its values."""
+
+    key: str
+    size: int
+    expires_at: float
+    user_id: str | None
+
+    @property
+    def key_prefix(self) -> str:
+        return self.key[:KEY_PREFIX]
+
+    def as_dict(self) -> dict[str, Any]:
+        return {
+            "key_prefix": self.key_prefix,
+            "size": self.size,
+            "expires_at": self.expires_at,
+            "expires_utc": _utc(self.expires_at),
+            "user_id": self.user_id,
+        }
+
+    def describe(self) -> str:
+        user = "-" if self.user_id is None else self.user_id
+        return (
+            f"{self.key_prefix}…  {self.size:>6} bytes  expires {_utc(self.expires_at)}  "
+            f"user {user}"
+        )
+
+
+def sessions(table: SessionTable) -> Iterator[SessionInfo]:
+    """Every live session of ``table``, batch by batch (each batch under the lock, released
+    between batches, so requests keep flowing during a scan of a large table)."""
+    from django_shmsession.backend import decode_session  # the engine's serializer
+
+    cursor = 0
+    while True:
+        items, cursor = table.scan(cursor)
+        now = time.time()
+        for item in items:
+            if item.expires_at <= now:
+                continue
+            data = decode_session(item.value)
+            user = data.get("_auth_user_id") if data is not None else None
+            yield SessionInfo(
+                item.key, len(item.value), item.expires_at, None if user is None else str(user)
+            )
+        if cursor == 0:
+            return
+
+
+def logout(table: SessionTable, user_id: str) -> int:
+    """Delete every session of ``user_id``; the number deleted.
+
+    Keys are collected first, then deleted one by one (a session the user logged out of
+    meanwhile is simply not counted).
+    """
+    keys = [s.key for s in sessions(table) if s.user_id == user_id]
+    return sum(1 for key in keys if table.delete(key))
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+
+#: Stats fields that only grow (Prometheus counters, exposed with ``_total``); every other number
+#: is a gauge. The text format: https://prometheus.io/docs/instrumenting/exposition_formats/
+COUNTER_FIELDS = frozenset(
+    {
+        "hits",
+        "misses",
+        "sets",
+        "deletes",
+        "evictions",
+        "expired",
+        "lock_waits",
+        "lock_recoveries",
+        "lock_timeouts",
+        "repairs",
+        "rollbacks",
+        "entries_dropped",
+        "table_full_errors",
+        "oversize_errors",
+        "corruption_detected",
+    }
+)
+PREFIX = "django_shmsession_"
+
+
+def prometheus(stats: Mapping[str, int | float | str]) -> str:
+    """The stats in Prometheus' text exposition format, labelled with the table's name."""
+    label = f'{{table="{_escape(str(stats.get("name", "")))}"}}'
+    lines = []
+    for key, value in stats.items():
+        if isinstance(value, (str, bool)):
+            continue
+        counter = key in COUNTER_FIELDS
+        metric = f"{PREFIX}{key}_total" if counter else f"{PREFIX}{key}"
+        lines.append(f"# HELP {metric} django-shmsession table stat {key!r}.")
+        lines.append(f"# TYPE {metric} {'counter' if counter else 'gauge'}")
+        lines.append(f"{metric}{label} {value}")
+    return "\n".join(lines) + "\n"
+
+
+def _escape(value: str) -> str:
+    return value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
