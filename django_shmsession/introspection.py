@@ -9,6 +9,7 @@ values), one user's sessions deleted, and the stats in Prometheus' text format.
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import datetime
 import os
@@ -20,7 +21,7 @@ from typing import Any
 
 from django_shmsession import conf, store
 from django_shmsession.exceptions import NotATable, ShmSessionError
-from django_shmsession.platform import SHM_DIR
+from django_shmsession.platform import SHM_DIR, segment_path
 from django_shmsession.table import SessionTable
 
 __all__ = [
@@ -53,22 +54,23 @@ class TableInfo:
 
     name: str
     size: int
-    created: float
+    created: float | None  # None where the kernel gives no birth time
     state: str = "ok"
     entries: int | None = None
     mapped_by: list[tuple[int, str]] = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         data = dataclasses.asdict(self)
-        data["created_utc"] = _utc(self.created)
+        data["created_utc"] = None if self.created is None else _utc(self.created)
         data["mapped_by"] = [{"pid": pid, "command": cmd} for pid, cmd in self.mapped_by]
         return data
 
     def describe(self) -> str:
         entries = "?" if self.entries is None else str(self.entries)
         pids = ", ".join(f"{pid} ({cmd})" for pid, cmd in self.mapped_by) or "no process"
+        created = "?" if self.created is None else _utc(self.created)
         return (
-            f"{self.name}  {self.size} bytes  {entries} entries  created {_utc(self.created)}  "
+            f"{self.name}  {self.size} bytes  {entries} entries  created {created}  "
             f"mapped by {pids}  {self.state}"
         )
 
@@ -99,8 +101,8 @@ def list_tables(config: conf.ShmSessionConfig) -> list[TableInfo]:
 
 def _describe(config: conf.ShmSessionConfig, info: os.stat_result) -> TableInfo | None:
     """The table's description, or None when the file is not a django-shmsession table."""
-    # A table's file is never resized after creation: its ctime is when it was made.
-    base = TableInfo(config.name, info.st_size, info.st_ctime, mapped_by=mapped_by(info))
+    created = birth_time(segment_path(config.name))
+    base = TableInfo(config.name, info.st_size, created, mapped_by=mapped_by(info))
     try:
         table = store.open_table(config, create=False)
     except NotATable:
@@ -109,6 +111,61 @@ def _describe(config: conf.ShmSessionConfig, info: os.stat_result) -> TableInfo 
         return dataclasses.replace(base, state=f"{type(err).__name__}: {err}")
     with table:
         return dataclasses.replace(base, entries=table.stats().entries)
+
+
+class _StatxTimestamp(ctypes.Structure):
+    _fields_ = [
+        ("tv_sec", ctypes.c_int64),
+        ("tv_nsec", ctypes.c_uint32),
+        ("_reserved", ctypes.c_int32),
+    ]
+
+
+class _Statx(ctypes.Structure):
+    """``struct statx`` (linux/stat.h) up to the four timestamps, then room for the rest."""
+
+    _fields_ = [
+        ("stx_mask", ctypes.c_uint32),
+        ("stx_blksize", ctypes.c_uint32),
+        ("stx_attributes", ctypes.c_uint64),
+        ("stx_nlink", ctypes.c_uint32),
+        ("stx_uid", ctypes.c_uint32),
+        ("stx_gid", ctypes.c_uint32),
+        ("stx_mode", ctypes.c_uint16),
+        ("_spare0", ctypes.c_uint16),
+        ("stx_ino", ctypes.c_uint64),
+        ("stx_size", ctypes.c_uint64),
+        ("stx_blocks", ctypes.c_uint64),
+        ("stx_attributes_mask", ctypes.c_uint64),
+        ("stx_atime", _StatxTimestamp),
+        ("stx_btime", _StatxTimestamp),
+        ("stx_ctime", _StatxTimestamp),
+        ("stx_mtime", _StatxTimestamp),
+        ("_rest", ctypes.c_uint64 * 20),
+    ]
+
+
+_AT_FDCWD = -100
+_AT_SYMLINK_NOFOLLOW = 0x100
+_STATX_BTIME = 0x800
+
+
+def birth_time(path: str) -> float | None:
+    """When ``path`` was created (statx's btime; tmpfs has it), or None where unavailable.
+
+    Not ctime or mtime: writes through a table's mapping update both (measured on tmpfs), and
+    Python's ``os.stat`` has no birth time on Linux before 3.15.
+    """
+    statx = getattr(ctypes.CDLL(None, use_errno=True), "statx", None)
+    if statx is None:  # pragma: no cover - glibc < 2.28
+        return None
+    buf = _Statx()
+    flags, mask = _AT_SYMLINK_NOFOLLOW, _STATX_BTIME
+    if statx(_AT_FDCWD, os.fsencode(path), flags, mask, ctypes.byref(buf)) != 0:
+        return None
+    if not buf.stx_mask & _STATX_BTIME:  # pragma: no cover - a file system without btime
+        return None
+    return buf.stx_btime.tv_sec + buf.stx_btime.tv_nsec / 1e9
 
 
 def mapped_by(info: os.stat_result) -> list[tuple[int, str]]:

@@ -66,12 +66,17 @@ def other_table() -> Iterator[str]:
 
 def test_list_shows_every_table_of_this_user(shm_name: str, other_table: str) -> None:
     login(1)
+    time.sleep(1.1)  # writes change the files' ctime and mtime; their birth time stays
+    with SessionTable(other_table) as table:
+        table.set("j" * 32, b"{}", time.time() + 600)
     login(2)
     tables = {t["name"]: t for t in json.loads(run("shmsession", "list", "--json"))}
     assert tables[shm_name]["entries"] == 2
     assert tables[shm_name]["size"] == 1024 * 1024
     assert tables[shm_name]["state"] == "ok"
-    assert tables[other_table]["entries"] == 1
+    assert tables[other_table]["entries"] == 2
+    made = os.stat(checks.segment_path(other_table))
+    assert tables[other_table]["created"] < made.st_mtime - 1  # when it was made, not written
     assert abs(tables[other_table]["created"] - time.time()) < 60
     assert re.match(r"\d{4}-\d\d-\d\dT", tables[other_table]["created_utc"])
     text = run("shmsession", "list")
