@@ -165,7 +165,7 @@ def birth_time(path: str) -> float | None:
         return None
     if not buf.stx_mask & _STATX_BTIME:  # pragma: no cover - a file system without btime
         return None
-    return buf.stx_btime.tv_sec + buf.stx_btime.tv_nsec / 1e9
+    return float(buf.stx_btime.tv_sec) + float(buf.stx_btime.tv_nsec) / 1e9
 
 
 def mapped_by(info: os.stat_result) -> list[tuple[int, str]]:
