@@ -15,7 +15,7 @@ import datetime
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -293,14 +293,19 @@ COUNTER_FIELDS = frozenset(
         "table_full_errors",
         "oversize_errors",
         "corruption_detected",
+        "class_evictions",
     }
 )
 PREFIX = "django_shmsession_"
 
 
-def prometheus(stats: Mapping[str, int | float | str]) -> str:
-    """The stats in Prometheus' text exposition format, labelled with the table's name."""
-    label = f'{{table="{_escape(str(stats.get("name", "")))}"}}'
+def prometheus(stats: Mapping[str, Any], class_names: Sequence[str] = ()) -> str:
+    """The stats in Prometheus' text exposition format, labelled with the table's name.
+
+    A per-class field (``class_entries``: one number per priority class) becomes one sample per
+    class, labelled ``class="<name>"`` (from ``class_names``, else the class number).
+    """
+    table = f'table="{_escape(str(stats.get("name", "")))}"'
     lines = []
     for key, value in stats.items():
         if isinstance(value, (str, bool)):
@@ -309,7 +314,12 @@ def prometheus(stats: Mapping[str, int | float | str]) -> str:
         metric = f"{PREFIX}{key}_total" if counter else f"{PREFIX}{key}"
         lines.append(f"# HELP {metric} django-shmsession table stat {key!r}.")
         lines.append(f"# TYPE {metric} {'counter' if counter else 'gauge'}")
-        lines.append(f"{metric}{label} {value}")
+        if isinstance(value, (list, tuple)):
+            for index, number in enumerate(value):
+                name = class_names[index] if index < len(class_names) else str(index)
+                lines.append(f'{metric}{{{table},class="{_escape(name)}"}} {number}')
+        else:
+            lines.append(f"{metric}{{{table}}} {value}")
     return "\n".join(lines) + "\n"
 
 

@@ -172,7 +172,9 @@ def test_name_without_slash_and_invalid_name() -> None:
 
 # --- stats --format prometheus -------------------------------------------------------------------
 
-_SAMPLE = re.compile(r'^(django_shmsession_[a-z_]+)\{table="([^"]+)"\} (-?[0-9.e+-]+)$')
+_SAMPLE = re.compile(
+    r'^(django_shmsession_[a-z_]+)\{table="([^"]+)"(?:,class="([^"]+)")?\} (-?[0-9.e+-]+)$'
+)
 
 
 def test_stats_prometheus_text_format(shm_name: str) -> None:
@@ -192,11 +194,16 @@ def test_stats_prometheus_text_format(shm_name: str) -> None:
             match = _SAMPLE.match(line)
             assert match, line
             assert match[2] == shm_name
-            samples[match[1]] = float(match[3])
-    assert set(types) == set(samples)
+            metric = match[1] if match[3] is None else f"{match[1]}[{match[3]}]"
+            samples[metric] = float(match[4])
+            types.setdefault(metric, types[match[1]])
+    assert {m for m in types if "[" not in m} == {m.split("[")[0] for m in samples}
     assert types["django_shmsession_hits_total"] == "counter"
     assert types["django_shmsession_entries"] == "gauge"
     assert samples["django_shmsession_entries"] == 2
+    assert samples["django_shmsession_class_entries[signed-in]"] == 2  # both are logged in
+    assert samples["django_shmsession_class_entries[anonymous]"] == 0
+    assert types["django_shmsession_class_evictions_total"] == "counter"
     assert samples["django_shmsession_sets_total"] >= 2
     assert samples["django_shmsession_hits_total"] >= 1
     assert 0 < samples["django_shmsession_occupancy"] < 1

@@ -102,7 +102,8 @@ class Command(BaseCommand):
         if output == "json":
             self.stdout.write(json.dumps(stats, sort_keys=True))
         elif output == "prometheus":
-            self.stdout.write(introspection.prometheus(stats), ending="")
+            prometheus = introspection.prometheus(stats, store.CLASS_NAMES)
+            self.stdout.write(prometheus, ending="")
         else:
             width = max(len(k) for k in stats)
             for key, value in stats.items():
