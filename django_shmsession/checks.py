@@ -12,6 +12,7 @@ E008 /dev/shm is missing.
 E009 the segment or its semaphore is another user's, not private, or a planted symbolic link.
 E010 the segment was made by another layout version, or is not a session table at all.
 E011 the segment's header is corrupt.
+E012 MAX_SESSION_SIZE or FULL_POLICY differ from the values the segment's creator recorded.
 W001 SHMSESSION is set but SESSION_ENGINE is another engine, so it has no effect.
 W002 the segment exists but is unusable (semaphore removed, file truncated): the site's next
      request replaces it with an empty table.
@@ -44,6 +45,7 @@ from django_shmsession.exceptions import (
     ForeignSegment,
     LayoutMismatch,
     SegmentNotFound,
+    SettingsMismatch,
 )
 from django_shmsession.platform import SHM_DIR, segment_path
 
@@ -75,7 +77,7 @@ def check_posix_ipc(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> l
 
 @register()
 def check_settings(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
-    """E003..E005, E008..E011, W002: settings valid and the segment creatable or usable."""
+    """E003..E005, E008..E012, W002: settings valid and the segment creatable or usable."""
     if not uses_our_engine():
         return []
     try:
@@ -147,6 +149,12 @@ def _check_opens(config: conf.ShmSessionConfig) -> list[CheckMessage]:
         return [Error(str(err), hint=hint, id="django_shmsession.E010")]
     except CorruptTable as err:
         return [Error(str(err), hint=f"Replace it: {recreate}.", id="django_shmsession.E011")]
+    except SettingsMismatch as err:
+        hint = (
+            f"Write {err.setting} = {err.recorded!r} (what the running site uses), or, to change "
+            f"it, stop every process of the site, then {recreate} with the new value."
+        )
+        return [Error(str(err), hint=hint, id="django_shmsession.E012")]
     except SegmentNotFound as err:
         return [
             CheckWarning(

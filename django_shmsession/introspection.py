@@ -104,7 +104,7 @@ def _describe(config: conf.ShmSessionConfig, info: os.stat_result) -> TableInfo 
     created = birth_time(segment_path(config.name))
     base = TableInfo(config.name, info.st_size, created, mapped_by=mapped_by(info))
     try:
-        table = store.open_table(config, create=False)
+        table = store.open_table(config, create=False, adopt=True)
     except NotATable:
         return None
     except (ShmSessionError, ValueError) as err:

@@ -34,7 +34,7 @@ from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from django_shmsession import conf
-from django_shmsession.exceptions import WouldBlock
+from django_shmsession.exceptions import SettingsMismatch, WouldBlock
 from django_shmsession.segment import PairIdentity, current_pair
 from django_shmsession.table import SessionTable
 
@@ -193,22 +193,41 @@ def _release_retired() -> None:
         _retired = [ref for ref in _retired if ref() is not None]
 
 
-def open_table(config: conf.ShmSessionConfig, *, create: bool) -> SessionTable:
+#: The table's names of the settings it records, and the SHMSESSION keys that set them.
+RECORDED_SETTINGS = {"max_value_size": "MAX_SESSION_SIZE", "full_policy": "FULL_POLICY"}
+
+
+def open_table(config: conf.ShmSessionConfig, *, create: bool, adopt: bool = False) -> SessionTable:
     """Open the table described by ``config``; create it only when ``create`` is true.
 
-    The table's own errors (LayoutMismatch for a segment created with another SIZE, ForeignSegment,
-    SegmentTooLarge) already name the setting or command that fixes them, so they pass through.
+    ``MAX_SESSION_SIZE`` and ``FULL_POLICY`` must agree with what the table's creator recorded
+    (SettingsMismatch, naming the SHMSESSION key and both values, otherwise); ``adopt`` takes the
+    recorded values instead, for commands that inspect a table whatever its settings (``--name``
+    may name another site's). The table's other errors (LayoutMismatch for a segment created
+    with another SIZE, ForeignSegment, SegmentTooLarge) already name the setting or command that
+    fixes them, so they pass through.
     """
-    table = SessionTable(
-        config.name,
-        config.size if create else None,
-        max_value_size=config.max_session_size,
-        full_policy=config.full_policy,
-        lock_timeout=config.lock_timeout,
-    )
+    try:
+        table = SessionTable(
+            config.name,
+            config.size if create else None,
+            max_value_size=None if adopt else config.max_session_size,
+            full_policy=None if adopt else config.full_policy,
+            lock_timeout=config.lock_timeout,
+        )
+    except SettingsMismatch as err:
+        raise _in_settings_terms(config.name, err) from err
     table.class_names = CLASS_NAMES
     table.resize_hint = f"raise SHMSESSION['SIZE'] (now {config.size} bytes)"
     return table
+
+
+def _in_settings_terms(name: str, err: SettingsMismatch) -> SettingsMismatch:
+    """The table's SettingsMismatch, restated with the SHMSESSION key a user writes."""
+    key = RECORDED_SETTINGS.get(err.setting)
+    if key is None:  # pragma: no cover - a setting the table records but we do not set
+        return err
+    return SettingsMismatch(name, f"{conf.SETTING}['{key}']", err.recorded, err.requested)
 
 
 def reset() -> None:

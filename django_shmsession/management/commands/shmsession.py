@@ -185,9 +185,11 @@ class Command(BaseCommand):
     # -- helpers --------------------------------------------------------------------------------
 
     def _open(self, config: conf.ShmSessionConfig) -> SessionTable:
-        """The existing table (closed by the caller's ``with``); never creates one."""
+        """The existing table (closed by the caller's ``with``); never creates one. Its recorded
+        MAX_SESSION_SIZE and FULL_POLICY are adopted: inspecting or clearing a table works
+        whatever settings it was created with."""
         try:
-            return store.open_table(config, create=False)
+            return store.open_table(config, create=False, adopt=True)
         except SegmentNotFound as err:
             raise CommandError(
                 f"No session table named {config.name!r} exists yet: it is created by the first "
