@@ -180,7 +180,7 @@ def test_corruption_detected_is_logged_as_an_error(shm_name: str, probe: LockPro
     session = SessionStore()
     session["v"] = "x" * 300
     session.save()
-    start, end = region_bounds(shm_name, "chunks")
+    start, _end = region_bounds(shm_name, "chunks")
     with raw_mapping(shm_name) as mapping:
         mapping[start : start + 64] = bytes(b ^ 0xFF for b in mapping[start : start + 64])
     probe.lines.clear()
