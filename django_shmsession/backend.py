@@ -13,7 +13,6 @@ before the table is called, so the table lock is held only for the table's own w
 from __future__ import annotations
 
 import asyncio
-import logging
 import time
 from collections.abc import Callable
 from typing import Any, Protocol, TypeVar
@@ -36,7 +35,6 @@ from django_shmsession.table import SessionTable
 #: (``django.contrib.auth.SESSION_KEY``, not imported: the engine works without auth).
 AUTH_USER_KEY = "_auth_user_id"
 
-logger = logging.getLogger("django_shmsession")
 _T = TypeVar("_T")
 
 

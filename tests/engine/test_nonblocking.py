@@ -11,6 +11,7 @@ workers answered no ``/ping`` at all until the lock came back (measured: ~23 s a
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import subprocess
@@ -23,6 +24,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+
+from django_shmsession import store
+from django_shmsession.backend import SessionStore
+from django_shmsession.table import SessionTable
 
 from . import servers
 
@@ -162,3 +167,104 @@ def test_gthread_worker_keeps_serving_while_sessions_wait(tmp_path: Path, shm_na
         result = measure(server, shm_name, "/")
     assert result.pings >= 10
     assert result.slowest_ping < MAX_PING
+
+
+# --- in one process: what runs inline on the loop, what goes to a thread -----------------------
+
+
+def _record_threads(monkeypatch: pytest.MonkeyPatch, owner: object, name: str) -> list[int]:
+    """Wrap ``owner.name`` to record the thread each call runs in."""
+    seen: list[int] = []
+    original = getattr(owner, name)
+
+    def wrapper(*args: object, **kwargs: object) -> object:
+        seen.append(threading.get_ident())
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(owner, name, wrapper)
+    return seen
+
+
+def test_the_first_use_opens_the_table_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Opening may create the segment (posix_fallocate of SIZE): never on the event loop."""
+    store.reset()
+    opened = _record_threads(monkeypatch, store, "open_table")
+    loop_thread: list[int] = []
+
+    async def scenario() -> None:
+        loop_thread.append(threading.get_ident())
+        session = SessionStore()
+        await session.aset("k", "v")
+        await session.asave()
+        assert await SessionStore(session.session_key).aget("k") == "v"
+
+    asyncio.run(scenario())
+    assert len(opened) == 1
+    assert opened[0] != loop_thread[0]
+
+
+def test_an_uncontended_load_runs_inline(monkeypatch: pytest.MonkeyPatch) -> None:
+    session = SessionStore()
+    session["k"] = "v"
+    session.save()
+    gets = _record_threads(monkeypatch, SessionTable, "get")
+    loop_thread: list[int] = []
+
+    async def scenario() -> None:
+        loop_thread.append(threading.get_ident())
+        assert await SessionStore(session.session_key).aget("k") == "v"
+
+    asyncio.run(scenario())
+    assert gets == [loop_thread[0]]
+
+
+def test_aclear_expired_runs_in_a_thread(monkeypatch: pytest.MonkeyPatch) -> None:
+    SessionStore().create()
+    sweeps = _record_threads(monkeypatch, SessionTable, "clear_expired")
+    loop_thread: list[int] = []
+
+    async def scenario() -> None:
+        loop_thread.append(threading.get_ident())
+        await SessionStore.aclear_expired()
+
+    asyncio.run(scenario())
+    assert len(sweeps) == 1
+    assert sweeps[0] != loop_thread[0]
+
+
+def test_a_contended_load_waits_in_a_thread_while_the_loop_runs() -> None:
+    """Another thread holds the lock: aload waits off the loop, other tasks keep running."""
+    session = SessionStore()
+    session["k"] = "v"
+    session.save()
+    table = store.get_table()
+    held, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        table._locked(lambda: (held.set(), release.wait(10)))
+
+    holder = threading.Thread(target=hold)
+    holder.start()
+    assert held.wait(10)
+    ticks_before_load: list[int] = []
+
+    async def scenario() -> None:
+        ticks = 0
+
+        async def ticker() -> None:
+            nonlocal ticks
+            while True:
+                ticks += 1
+                if ticks == 20:
+                    release.set()  # the loop ran 20 times while aload waited
+                await asyncio.sleep(0.005)
+
+        task = asyncio.ensure_future(ticker())
+        value = await SessionStore(session.session_key).aget("k")
+        ticks_before_load.append(ticks)
+        task.cancel()
+        assert value == "v"
+
+    asyncio.run(scenario())
+    holder.join(10)
+    assert ticks_before_load[0] >= 20
