@@ -33,8 +33,15 @@ def incr(request: HttpRequest) -> JsonResponse:
 
 
 async def aget(request: HttpRequest) -> JsonResponse:
-    """`GET /aget`: the value of "foo", read by an async view on the event loop (under ASGI)."""
-    return JsonResponse({"foo": await request.session.aget("foo"), "pid": os.getpid()})
+    """`GET /aget`: the value of "foo", read by an async view on the event loop (under ASGI).
+
+    Django 5.1+ has ``aget``; on 4.2 the engine's own ``aload`` is awaited instead."""
+    session = request.session
+    if hasattr(session, "aget"):
+        value = await session.aget("foo")
+    else:
+        value = (await session.aload()).get("foo")  # type: ignore[attr-defined]
+    return JsonResponse({"foo": value, "pid": os.getpid()})
 
 
 def ping(request: HttpRequest) -> JsonResponse:
