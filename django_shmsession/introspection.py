@@ -30,9 +30,9 @@ __all__ = [
     "TableInfo",
     "list_tables",
     "logout",
-    "mapped_by",
     "prometheus",
     "sessions",
+    "shm_mappings",
 ]
 
 #: Characters of a session key shown by ``sessions``: enough to tell sessions apart in a support
@@ -83,6 +83,7 @@ def list_tables(config: conf.ShmSessionConfig) -> list[TableInfo]:
     layout version, a broken pair, a corrupt header). Opening never creates or changes anything.
     """
     found = []
+    mappings = shm_mappings()  # read /proc once for every table
     for entry in sorted(os.scandir(SHM_DIR), key=lambda e: e.name):
         name = f"/{entry.name}"
         if entry.name.startswith("sem.") or not conf.NAME_RE.match(name):
@@ -93,16 +94,19 @@ def list_tables(config: conf.ShmSessionConfig) -> list[TableInfo]:
             continue
         if not entry.is_file(follow_symlinks=False) or info.st_uid != os.geteuid():
             continue
-        table = _describe(dataclasses.replace(config, name=name), info)
+        mapped = mappings.get((info.st_dev, info.st_ino), [])
+        table = _describe(dataclasses.replace(config, name=name), info, mapped)
         if table is not None:
             found.append(table)
     return found
 
 
-def _describe(config: conf.ShmSessionConfig, info: os.stat_result) -> TableInfo | None:
+def _describe(
+    config: conf.ShmSessionConfig, info: os.stat_result, mapped: list[tuple[int, str]]
+) -> TableInfo | None:
     """The table's description, or None when the file is not a django-shmsession table."""
     created = birth_time(segment_path(config.name))
-    base = TableInfo(config.name, info.st_size, created, mapped_by=mapped_by(info))
+    base = TableInfo(config.name, info.st_size, created, mapped_by=mapped)
     try:
         table = store.open_table(config, create=False, adopt=True)
     except NotATable:
@@ -168,17 +172,19 @@ def birth_time(path: str) -> float | None:
     return float(buf.stx_btime.tv_sec) + float(buf.stx_btime.tv_nsec) / 1e9
 
 
-def mapped_by(info: os.stat_result) -> list[tuple[int, str]]:
-    """(pid, command) of every process (that this user may inspect) mapping the file ``info``
-    describes, this process excepted; from /proc/<pid>/maps, matched by device and inode."""
-    wanted = (info.st_dev, info.st_ino)
-    found = []
-    for pid_dir in os.listdir("/proc"):
+def shm_mappings() -> dict[tuple[int, int], list[tuple[int, str]]]:
+    """(st_dev, st_ino) of each /dev/shm file mapped by a process this user may inspect (this
+    one excepted) -> the (pid, command) of those processes, sorted; from /proc/<pid>/maps."""
+    found: dict[tuple[int, int], list[tuple[int, str]]] = {}
+    for pid_dir in sorted(os.listdir("/proc")):
         if not pid_dir.isdigit() or int(pid_dir) == os.getpid():
             continue
-        if wanted in _mapped_files(int(pid_dir)):
-            found.append((int(pid_dir), _command(int(pid_dir))))
-    return sorted(found)
+        pid = int(pid_dir)
+        files = _mapped_files(pid)
+        command = _command(pid) if files else ""
+        for file in files:
+            found.setdefault(file, []).append((pid, command))
+    return {file: sorted(pids) for file, pids in found.items()}
 
 
 _MAPS_LINE = re.compile(r"^\S+ \S+ \S+ ([0-9a-f]+):([0-9a-f]+) (\d+)\s+/dev/shm/")
