@@ -4,12 +4,13 @@ Settings (every key optional)::
 
     SHMSESSION = {
         # POSIX name of the shared-memory segment (a semaphore "<NAME>.lock" goes with it).
-        # Default: derived from the settings module and BASE_DIR, so two sites (or two checkouts
-        # of one site) on a machine never share a table by accident; every process of one site
-        # must agree on it.
+        # Default: derived from the settings module, SECRET_KEY and the user, so it stays the
+        # same across release directories and virtualenvs of one site while two sites on a
+        # machine never share a table by accident; every process of one site must agree on it.
         "NAME": "/mysite-sessions",
         # Segment size, fixed when the segment is created: int bytes or "512K" / "64M" / "1G".
-        "SIZE": "64M",
+        # The default (48M) fits Docker's default 64 MiB /dev/shm with room to spare.
+        "SIZE": "48M",
         # Largest serialized session accepted; larger ones raise ValueTooLarge on save.
         "MAX_SESSION_SIZE": "64K",
         # When the table is full: "evict" the sessions that expire soonest, or "raise" TableFull.
@@ -25,22 +26,24 @@ override settings.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
-import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 from django.conf import ENVIRONMENT_VARIABLE, settings
 from django.core.exceptions import ImproperlyConfigured
+from django.utils.crypto import salted_hmac
 
 SETTING = "SHMSESSION"
 ENGINE = "django_shmsession.backend"
 
-DEFAULT_SIZE = 64 * 1024 * 1024
+#: 48 MiB: the segment (whose SIZE includes the header, the lock's process registry and the
+#: intent area, ``layout.FIXED_SIZE``), its semaphore (one 4 KiB page) and the temporary semaphore
+#: made while creating it fit Docker's default 64 MiB /dev/shm with 16 MiB left for the other
+#: users of /dev/shm in the container (multiprocessing, a second table while one is replaced).
+DEFAULT_SIZE = 48 * 1024 * 1024
 DEFAULT_MAX_SESSION_SIZE = 64 * 1024
 DEFAULT_LOCK_TIMEOUT = 10.0
 MIN_SIZE = 1024 * 1024
@@ -53,6 +56,9 @@ KNOWN_KEYS = ("NAME", "SIZE", "MAX_SESSION_SIZE", "FULL_POLICY", "LOCK_TIMEOUT")
 NAME_RE = re.compile(r"^/[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
 SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMG]?)i?B?\s*$", re.IGNORECASE)
 UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3}
+#: Salt of the HMAC that derives the default NAME from SECRET_KEY (never change it: every site
+#: relying on the default would get a new, empty table).
+NAME_SALT = "django_shmsession.conf.default_name"
 
 
 @dataclass(frozen=True)
@@ -181,10 +187,15 @@ def _parse_name(value: object) -> str:
 
 
 def default_name() -> str:
-    """A name unique to this project on this machine: settings module + project directory.
+    """A name stable across releases of one site and distinct between sites on one machine.
 
-    Two checkouts of one project (staging and production on one host) differ by directory, and
-    two projects differ by settings module, so neither shares sessions with the other by accident.
+    Derived from the settings module, the ``SECRET_KEY`` (through an HMAC, so the name reveals
+    nothing of it) and the user id. None of these changes when a deploy moves the code to a new
+    release directory or virtualenv (hashing ``BASE_DIR`` logged everyone out on every such
+    deploy and left the old segment's RAM behind); two sites differ in their secret key even
+    when their settings modules share a name (``config.settings``), and two users never collide.
+    Rotating ``SECRET_KEY`` gives a new table, as it invalidates the sessions of Django's own
+    backends: set ``NAME`` explicitly (the ``--deploy`` check says so) to decouple them.
     """
     # Under override_settings SETTINGS_MODULE reads None; the environment still names it.
     module = getattr(settings, "SETTINGS_MODULE", None) or os.environ.get(ENVIRONMENT_VARIABLE)
@@ -193,13 +204,13 @@ def default_name() -> str:
             f"Cannot derive {SETTING}['NAME'] without a settings module (settings.configure() "
             f"was used). Write {SETTING} = {{'NAME': '/mysite-sessions'}}."
         )
-    base = getattr(settings, "BASE_DIR", None) or _module_dir(module)
-    digest = hashlib.blake2b(f"{module}\0{base}".encode(), digest_size=6).hexdigest()
+    identity = f"{module}\0{os.geteuid()}"
+    digest = salted_hmac(NAME_SALT, identity, algorithm="sha256").hexdigest()[:12]
     slug = re.sub(r"[^A-Za-z0-9_-]", "-", module.split(".")[0])[:40]
     return f"/djshm-{slug}-{digest}"
 
 
-def _module_dir(module: str) -> str:
-    """Directory of the settings module's file, the stand-in for BASE_DIR when there is none."""
-    file = getattr(sys.modules.get(module), "__file__", None)
-    return str(Path(file).resolve().parent) if file else ""
+def name_is_explicit() -> bool:
+    """True when ``SHMSESSION['NAME']`` is set (the ``--deploy`` check warns otherwise)."""
+    raw = getattr(settings, SETTING, {})
+    return isinstance(raw, Mapping) and raw.get("NAME") is not None

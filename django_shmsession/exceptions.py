@@ -35,6 +35,10 @@ class LayoutMismatch(ShmSessionError):
     """An existing segment has another magic, layout version or size than this code expects."""
 
 
+class NotATable(LayoutMismatch):
+    """A file under the table's name is not a django-shmsession table at all (unknown magic)."""
+
+
 class SegmentTooLarge(ShmSessionError):
     """The segment cannot be allocated: /dev/shm has not enough free space."""
 

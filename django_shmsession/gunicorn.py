@@ -57,9 +57,12 @@ def child_exit(server: Any, worker: Any) -> None:
         )
         return
     if recovered:
+        # What the recovery did (a write rolled back or finished, or nothing to undo) is the
+        # table's to say: it logs that on the django_shmsession logger. Claim nothing here.
         server.log.warning(
-            "django-shmsession: worker %s died holding the session lock; took it over, "
-            "recovered its interrupted write and released it",
+            "django-shmsession: worker %s died holding the session lock; the master took the "
+            "lock over and released it (what its recovery did is logged on the "
+            "django_shmsession logger)",
             worker.pid,
         )
 

@@ -21,6 +21,8 @@ import errno
 import fcntl
 import importlib
 import os
+import pwd
+import stat
 import struct
 from typing import Any
 
@@ -30,6 +32,7 @@ __all__ = [
     "NAME_MAX",
     "SEMAPHORE_SUFFIX",
     "SHM_DIR",
+    "foreign_file_message",
     "lock_byte",
     "posix_ipc",  # noqa: F822 - served by the module __getattr__ below
     "reopen",
@@ -127,6 +130,51 @@ def shm_free_bytes() -> int:
     except OSError:
         return 0
     return info.f_bavail * info.f_frsize
+
+
+def _user(uid: int) -> str:
+    """``uid 1001 (alice)``, or ``uid 1001`` when it has no passwd entry."""
+    try:
+        return f"uid {uid} ({pwd.getpwuid(uid).pw_name})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def foreign_file_message(path: str) -> str:
+    """Why ``path`` (a segment or semaphore file) is not ours to use, and who can remove it.
+
+    Names the file, what it is (a symbolic link planted under the table's name, or a file of
+    another user or with a mode others can read), its owner, and who can remove it: in a sticky
+    /dev/shm (mode 1777, the default) only the file's owner, the directory's owner or root can,
+    so "remove the file" is no advice for the site's user.
+    """
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return f"{path} was removed meanwhile; try again"
+    owner = _user(info.st_uid)
+    if stat.S_ISLNK(info.st_mode):
+        what = f"{path} is a symbolic link to {os.readlink(path)!r} owned by {owner}"
+    else:
+        what = f"{path} is owned by {owner} with mode {stat.S_IMODE(info.st_mode):o}"
+    me = os.geteuid()
+    wanted = f"a session table must be a regular file of {_user(me)} with mode 600"
+    return f"{what}; {wanted}. {_who_can_remove(path, info, me)}"
+
+
+def _who_can_remove(path: str, info: os.stat_result, me: int) -> str:
+    folder = os.stat(os.path.dirname(path))
+    sticky = bool(folder.st_mode & stat.S_ISVTX)
+    if me == 0 or info.st_uid == me or folder.st_uid == me or not sticky:
+        return (
+            f"If it is stale, remove it (`rm {path}`; this process's user can), run every "
+            "process of the site as one user, or set SHMSESSION['NAME'] to another name"
+        )
+    return (
+        f"{os.path.dirname(path)} is sticky, so only {_user(info.st_uid)} or root can remove "
+        f"it (`sudo rm {path}`); or set SHMSESSION['NAME'] to another name, or run the site "
+        f"as {_user(info.st_uid)}"
+    )
 
 
 # -- open-file-description locks -------------------------------------------------------------------

@@ -41,6 +41,7 @@ from .exceptions import (
     CorruptTable,
     ForeignSegment,
     LayoutMismatch,
+    NotATable,
     SegmentNotFound,
     SegmentTooLarge,
     ShmSessionError,
@@ -75,6 +76,7 @@ from .platform import (
     NAME_MAX,
     SEMAPHORE_SUFFIX,
     SHM_DIR,
+    foreign_file_message,
     lock_byte,
     posix_ipc,
     reopen,
@@ -268,6 +270,8 @@ def unlink(name: str) -> bool:
         return _unlink_semaphore(name)
     except posix_ipc.PermissionsError as err:
         raise ForeignSegment(_foreign_message(name)) from err
+    except OSError as err:
+        raise _translated(name, err) from err
     try:
         with _init_lock(fd):
             removed_semaphore = _unlink_semaphore(name)
@@ -293,6 +297,8 @@ def _unlink_semaphore(name: str) -> bool:
         posix_ipc.unlink_semaphore(semaphore_name(name))
     except posix_ipc.ExistentialError:
         return False
+    except posix_ipc.PermissionsError as err:
+        raise ForeignSegment(foreign_file_message(semaphore_path(name))) from err
     return True
 
 
@@ -327,6 +333,8 @@ def _open_fd(name: str, size: int | None) -> tuple[int, bool]:
                 pass  # exists: open it below
             except posix_ipc.PermissionsError as err:
                 raise ForeignSegment(_foreign_message(name)) from err
+            except OSError as err:
+                raise _translated(name, err) from err
             else:
                 return shm.fd, True
         try:
@@ -340,24 +348,27 @@ def _open_fd(name: str, size: int | None) -> tuple[int, bool]:
             continue  # unlinked between our two calls: try to create again
         except posix_ipc.PermissionsError as err:
             raise ForeignSegment(_foreign_message(name)) from err
+        except OSError as err:
+            raise _translated(name, err) from err
         return shm.fd, False
     raise ShmSessionError(f"could not open or create {name!r}: it keeps being removed")
 
 
 def _foreign_message(name: str) -> str:
-    return (
-        f"the session table {segment_path(name)} belongs to another user or is not private "
-        f"(mode 0600); run the site as its owner, or pick another SHMSESSION['NAME']"
-    )
+    return f"cannot use the session table {name!r}: {foreign_file_message(segment_path(name))}"
+
+
+def _translated(name: str, err: OSError) -> OSError:
+    """ELOOP: shm_open refuses to follow a symbolic link planted under the table's name (it
+    opens with O_NOFOLLOW); say so, naming the link and its owner, instead of a bare errno."""
+    if err.errno == errno.ELOOP:
+        return ForeignSegment(_foreign_message(name))
+    return err
 
 
 def _require_private(info: os.stat_result, path: str) -> None:
     if info.st_uid != os.geteuid() or stat.S_IMODE(info.st_mode) & 0o077:
-        raise ForeignSegment(
-            f"{path} is owned by uid {info.st_uid} with mode {stat.S_IMODE(info.st_mode):o}; "
-            f"it must belong to uid {os.geteuid()} with mode 600. Run the site as its owner, "
-            "pick another SHMSESSION['NAME'], or remove the file if it is stale"
-        )
+        raise ForeignSegment(f"cannot use the session table: {foreign_file_message(path)}")
 
 
 # -- opening: under the segment's init lock --------------------------------------------------------
@@ -375,7 +386,7 @@ def _open_under_init_lock(
         if magic == MAGIC:
             return _open_initialized(name, fd, info.st_size, size)
         if magic not in (b"", INIT_MAGIC, bytes(len(MAGIC))):
-            raise LayoutMismatch(
+            raise NotATable(
                 f"{segment_path(name)} is not a django-shmsession table (unknown magic "
                 f"{magic!r}) or was written by an incompatible version; remove it with "
                 f"`manage.py shmsession unlink` (drops its sessions) or choose another NAME"
@@ -494,7 +505,7 @@ def _open_paired_semaphore(name: str, semaphore_id: FileId) -> Any | None:
     except posix_ipc.ExistentialError:
         return None
     except posix_ipc.PermissionsError as err:
-        raise ForeignSegment(_foreign_message(name)) from err
+        raise ForeignSegment(foreign_file_message(semaphore_path(name))) from err
     try:
         info = os.stat(semaphore_path(name))
         if (info.st_dev, info.st_ino) != semaphore_id:

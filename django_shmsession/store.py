@@ -34,6 +34,7 @@ from django.core.signals import setting_changed
 from django.utils.module_loading import import_string
 
 from django_shmsession import conf
+from django_shmsession.exceptions import SettingsMismatch, WouldBlock
 from django_shmsession.segment import PairIdentity, current_pair
 from django_shmsession.table import SessionTable
 
@@ -66,18 +67,49 @@ os.register_at_fork(after_in_child=_new_open_lock_after_fork)
 _retired: list[weakref.ref[SessionTable]] = []
 
 # Settings whose change must drop the cached handle and config (tests override them).
-WATCHED_SETTINGS = frozenset({conf.SETTING, "BASE_DIR", "SESSION_SERIALIZER"})
+WATCHED_SETTINGS = frozenset({conf.SETTING, "SECRET_KEY", "SESSION_SERIALIZER"})
 
 
-def get_table() -> SessionTable:
-    """The process's table, opened (and created if absent) on first call."""
+def get_table(*, create: bool = True) -> SessionTable:
+    """The process's table, opened on first call: created if absent when ``create`` (serving
+    processes), else SegmentNotFound (``clearsessions`` and other housekeeping must never make
+    a table: with a NAME that differs from the server's, it would be a new, empty one)."""
     table = _table
     if table is not None and time.monotonic() < _next_check:
         return table
     # No reference of ours may outlive the switch: a replaced handle must be free to close
     # before the new segment is created (a /dev/shm with room for one table needs its pages).
     del table
-    return _refresh()
+    return _refresh(create)
+
+
+def get_table_inline() -> SessionTable:
+    """The process's table if getting it cannot block: for the async methods on the event loop.
+
+    Raises WouldBlock when the table is not open yet (opening may create the segment, whose
+    ``posix_fallocate`` of the whole size takes long), when another thread is opening or
+    switching it, or when the once-a-second check finds the pair replaced (the switch opens,
+    maybe creates): the caller then runs the whole operation in a thread, which does that work.
+    The check itself is two ``stat`` calls and runs inline.
+    """
+    table = _table
+    if table is not None and time.monotonic() < _next_check:
+        return table
+    del table
+    if not _open_lock.acquire(blocking=False):
+        raise WouldBlock("another thread is opening the session table")
+    try:
+        if _table is None or current_pair(conf.get_config().name) != _pair:
+            raise WouldBlock("the session table must be opened (or switched) first")
+        _set_next_check()
+        return _table
+    finally:
+        _open_lock.release()
+
+
+def _set_next_check() -> None:
+    global _next_check
+    _next_check = time.monotonic() + RECHECK_INTERVAL
 
 
 def get_serializer() -> type[Any]:
@@ -95,10 +127,10 @@ def retired_handles() -> int:
     return sum(1 for ref in _retired if ref() is not None)
 
 
-def _refresh() -> SessionTable:
+def _refresh(create: bool = True) -> SessionTable:
     """Keep the open table if NAME still names its pair, else switch to the current pair; under
     a lock so two threads of one process never map the segment twice."""
-    global _table, _pair, _next_check
+    global _table, _pair
     with _open_lock:
         config = conf.get_config()
         if _table is not None:
@@ -115,9 +147,15 @@ def _refresh() -> SessionTable:
         _release_retired()
         if _table is None:
             # Raises (SegmentTooLarge, ...) with _table None: the next call tries again.
-            table = open_table(config, create=True)
+            table = open_table(config, create=create)
             _table, _pair = table, pair_of(table)
-        _next_check = time.monotonic() + RECHECK_INTERVAL
+            if table.created:
+                logger.info(
+                    "django-shmsession: created the session table %s (%d bytes)",
+                    table.name,
+                    table.size,
+                )
+        _set_next_check()
         return _table
 
 
@@ -155,22 +193,41 @@ def _release_retired() -> None:
         _retired = [ref for ref in _retired if ref() is not None]
 
 
-def open_table(config: conf.ShmSessionConfig, *, create: bool) -> SessionTable:
+#: The table's names of the settings it records, and the SHMSESSION keys that set them.
+RECORDED_SETTINGS = {"max_value_size": "MAX_SESSION_SIZE", "full_policy": "FULL_POLICY"}
+
+
+def open_table(config: conf.ShmSessionConfig, *, create: bool, adopt: bool = False) -> SessionTable:
     """Open the table described by ``config``; create it only when ``create`` is true.
 
-    The table's own errors (LayoutMismatch for a segment created with another SIZE, ForeignSegment,
-    SegmentTooLarge) already name the setting or command that fixes them, so they pass through.
+    ``MAX_SESSION_SIZE`` and ``FULL_POLICY`` must agree with what the table's creator recorded
+    (SettingsMismatch, naming the SHMSESSION key and both values, otherwise); ``adopt`` takes the
+    recorded values instead, for commands that inspect a table whatever its settings (``--name``
+    may name another site's). The table's other errors (LayoutMismatch for a segment created
+    with another SIZE, ForeignSegment, SegmentTooLarge) already name the setting or command that
+    fixes them, so they pass through.
     """
-    table = SessionTable(
-        config.name,
-        config.size if create else None,
-        max_value_size=config.max_session_size,
-        full_policy=config.full_policy,
-        lock_timeout=config.lock_timeout,
-    )
+    try:
+        table = SessionTable(
+            config.name,
+            config.size if create else None,
+            max_value_size=None if adopt else config.max_session_size,
+            full_policy=None if adopt else config.full_policy,
+            lock_timeout=config.lock_timeout,
+        )
+    except SettingsMismatch as err:
+        raise _in_settings_terms(config.name, err) from err
     table.class_names = CLASS_NAMES
     table.resize_hint = f"raise SHMSESSION['SIZE'] (now {config.size} bytes)"
     return table
+
+
+def _in_settings_terms(name: str, err: SettingsMismatch) -> SettingsMismatch:
+    """The table's SettingsMismatch, restated with the SHMSESSION key a user writes."""
+    key = RECORDED_SETTINGS.get(err.setting)
+    if key is None:  # pragma: no cover - a setting the table records but we do not set
+        return err
+    return SettingsMismatch(name, f"{conf.SETTING}['{key}']", err.recorded, err.requested)
 
 
 def reset() -> None:

@@ -3,6 +3,9 @@
 Environment variables (all optional):
 - SHMSESSION_NAME: the table's POSIX name (default: derived from this project).
 - SHMSESSION_SIZE: the segment size, e.g. "64M" (default "64M").
+- SHMSESSION_LOCK_TIMEOUT: seconds, SHMSESSION["LOCK_TIMEOUT"] (default: the engine's).
+- SHMSESSION_MAX_SESSION_SIZE, SHMSESSION_FULL_POLICY: those SHMSESSION keys (default: the
+  engine's).
 - SESSION_ENGINE: another session engine, for benchmarks against peers
   (default "django_shmsession.backend").
 - DJANGO_DEBUG: "1" for DEBUG = True.
@@ -34,6 +37,11 @@ SESSION_ENGINE = os.environ.get("SESSION_ENGINE", "django_shmsession.backend")
 SHMSESSION: dict[str, object] = {"SIZE": os.environ.get("SHMSESSION_SIZE", "64M")}
 if os.environ.get("SHMSESSION_NAME"):
     SHMSESSION["NAME"] = os.environ["SHMSESSION_NAME"]
+if os.environ.get("SHMSESSION_LOCK_TIMEOUT"):
+    SHMSESSION["LOCK_TIMEOUT"] = float(os.environ["SHMSESSION_LOCK_TIMEOUT"])
+for _key in ("MAX_SESSION_SIZE", "FULL_POLICY"):
+    if os.environ.get(f"SHMSESSION_{_key}"):
+        SHMSESSION[_key] = os.environ[f"SHMSESSION_{_key}"]
 
 USE_TZ = True
 # Django exports TIME_ZONE as TZ when settings load (gunicorn's master loads them in on_starting);

@@ -12,4 +12,5 @@ urlpatterns = [
     path("get", views.get_all),
     path("incr", views.incr),
     path("ping", views.ping),
+    path("aget", views.aget),
 ]

@@ -32,6 +32,18 @@ def incr(request: HttpRequest) -> JsonResponse:
     return JsonResponse({"count": count, "pid": os.getpid()})
 
 
+async def aget(request: HttpRequest) -> JsonResponse:
+    """`GET /aget`: the value of "foo", read by an async view on the event loop (under ASGI).
+
+    Django 5.1+ has ``aget``; on 4.2 the engine's own ``aload`` is awaited instead."""
+    session = request.session
+    if hasattr(session, "aget"):
+        value = await session.aget("foo")
+    else:
+        value = (await session.aload()).get("foo")  # type: ignore[attr-defined]
+    return JsonResponse({"foo": value, "pid": os.getpid()})
+
+
 def ping(request: HttpRequest) -> JsonResponse:
     """`GET /ping`: never touches the session (the benchmarks' baseline)."""
     return JsonResponse({"pong": True, "pid": os.getpid()})

@@ -150,9 +150,17 @@ class Server:
         return {int(p) for p in path.read_text().split()}
 
 
-def gunicorn(shm_name: str, size: str, workers: int = 4, shm_bytes: int | None = None) -> Server:
+def gunicorn(
+    shm_name: str,
+    size: str,
+    workers: int = 4,
+    shm_bytes: int | None = None,
+    app: str = "testproject.wsgi",
+    extra: tuple[str, ...] = (),
+) -> Server:
     """gunicorn on the test project; with ``shm_bytes``, in a mount namespace of its own whose
-    /dev/shm is a private tmpfs of that size (needs root; reach it via ``Server.shm_dir``)."""
+    /dev/shm is a private tmpfs of that size (needs root; reach it via ``Server.shm_dir``).
+    ``app`` and ``extra`` (e.g. ``("-k", "gevent")``) pick another application or worker."""
     server = Server(args=[], env=project_env(shm_name, size))
     server.shm_dir_is_private = shm_bytes is not None
     server.args = [
@@ -162,7 +170,7 @@ def gunicorn(shm_name: str, size: str, workers: int = 4, shm_bytes: int | None =
         "gunicorn",
         "-c",
         "gunicorn.conf.py",
-        "testproject.wsgi",
+        app,
         "--workers",
         str(workers),
         "--bind",
@@ -170,6 +178,7 @@ def gunicorn(shm_name: str, size: str, workers: int = 4, shm_bytes: int | None =
         "--graceful-timeout",
         "5",
         *_no_control_socket(),
+        *extra,
     ]
     return server
 

@@ -159,3 +159,28 @@ def test_child_exit_recovers_lock_of_worker_killed_mid_write() -> None:
     assert SessionStore(kept.session_key)["v"] == "before"  # the lost write is the only loss
     assert store.get_table().check().ok
     assert store.get_table().stats().lock_recoveries >= 1
+
+
+@pytest.mark.multiprocess
+def test_child_exit_claims_no_repair_when_nothing_was_half_done() -> None:
+    """A worker killed holding the lock between writes left nothing to repair: the master's
+    line must not say it recovered or repaired a write (the table logs what it really did)."""
+    SessionStore().create()
+    table = store.get_table()
+    pid = os.fork()
+    if pid == 0:  # the worker: dies inside the critical section, before any write
+        try:
+            table._locked(os.kill, os.getpid(), signal.SIGKILL)
+        finally:
+            os._exit(3)
+    _, status = os.waitpid(pid, 0)
+    assert os.WTERMSIG(status) == signal.SIGKILL
+    server = fake_server()
+    gunicorn.child_exit(server, SimpleNamespace(pid=pid))
+    assert [level for level, _ in server.log.lines] == ["warning"]
+    line = server.log.lines[0][1]
+    assert f"worker {pid} died holding the session lock" in line
+    assert "took the lock over and released it" in line
+    assert "repaired" not in line
+    assert "interrupted write" not in line
+    assert store.get_table().check().ok

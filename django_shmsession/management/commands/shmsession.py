@@ -1,111 +1,144 @@
-"""``manage.py shmsession stats|check|clear|unlink``: inspect and reset the session table.
+"""``manage.py shmsession ACTION``: inspect and reset the session table.
+
+Actions: ``stats``, ``check``, ``clear``, ``unlink``, ``list``, ``sessions``, ``logout``. Each one
+is an ``_add_<action>`` method (its arguments) and a ``_<action>`` method (what it does),
+dispatched by name, so a new action is two methods and one entry in ``ACTIONS``. Every action
+takes ``--name`` to inspect a table other than the settings' NAME without editing settings.
 
 Every action opens the *existing* segment only: inspecting a table must never create one (a
-typo in NAME would otherwise silently make an empty second table).
+typo in NAME would otherwise silently make an empty second table). Table errors become
+``CommandError`` with the table's message, never a traceback.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
+from collections.abc import Callable
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_shmsession import conf, store
+from django_shmsession import conf, introspection, store
 from django_shmsession.exceptions import SegmentNotFound, ShmSessionError
 from django_shmsession.table import SessionTable
 
+#: Every action, in the order ``--help`` lists them, with its one-line help.
+ACTIONS = {
+    "stats": "occupancy, counts, evictions, lock waits (--json, --format prometheus)",
+    "check": "verify the table's consistency",
+    "clear": "delete every session (everyone is logged out)",
+    "unlink": "remove the segment and its semaphores (every session is lost)",
+    "list": "every django-shmsession table of this user in /dev/shm",
+    "sessions": "the live sessions: key prefix, size, expiry, user id (never their values)",
+    "logout": "delete every session of one user (--user ID)",
+}
+
 
 class Command(BaseCommand):
-    help = "Inspect (stats, check) or reset (clear, unlink) the shared-memory session table."
+    help = "Inspect (stats, check, list, sessions) or reset (clear, unlink, logout) the table."
 
     def add_arguments(self, parser: CommandParser) -> None:
         actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
-        stats = actions.add_parser("stats", help="occupancy, counts, evictions, lock waits")
-        stats.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-        check = actions.add_parser("check", help="verify the table's consistency")
-        check.add_argument("--repair", action="store_true", help="fix what the check finds")
-        check.add_argument("--json", action="store_true", help="one JSON object, for scripts")
-        for name, text in (
-            ("clear", "delete every session (everyone is logged out)"),
-            ("unlink", "remove the segment and its semaphores (every session is lost)"),
-        ):
-            sub = actions.add_parser(name, help=text)
+        for action, text in ACTIONS.items():
+            sub = actions.add_parser(action, help=text)
             sub.add_argument(
-                "--noinput",
-                "--no-input",
-                action="store_false",
-                dest="interactive",
-                help="do not ask for confirmation",
+                "--name",
+                help="the table's POSIX name, e.g. /mysite-sessions (default: SHMSESSION['NAME'])",
             )
+            getattr(self, f"_add_{action}")(sub)
 
     def handle(self, *args: Any, **options: Any) -> None:
         config = conf.get_config()
-        action = options["action"]
-        if action == "unlink":
-            self._unlink(config, options["interactive"])
-            return
-        table = self._open(config)
+        if options.get("name"):
+            config = dataclasses.replace(config, name=_valid_name(options["name"]))
+        run: Callable[[conf.ShmSessionConfig, dict[str, Any]], None] = getattr(
+            self, f"_{options['action']}"
+        )
         try:
-            if action == "stats":
-                self._stats(table, options["json"])
-            elif action == "check":
-                self._check(table, options["repair"], options["json"])
-            else:
-                self._clear(table, options["interactive"])
-        except ShmSessionError as err:
-            raise CommandError(str(err)) from err
-        finally:
-            table.close()
-
-    def _open(self, config: conf.ShmSessionConfig) -> SessionTable:
-        try:
-            return store.open_table(config, create=False)
-        except SegmentNotFound as err:
-            raise CommandError(
-                f"No session table named {config.name!r} exists yet: it is created by the first "
-                f"request (or by the gunicorn on_starting hook). Check SHMSESSION['NAME']."
-            ) from err
+            run(config, options)
         except ShmSessionError as err:
             raise CommandError(str(err)) from err
 
-    def _stats(self, table: SessionTable, as_json: bool) -> None:
-        stats = table.stats().as_dict()
-        if as_json:
+    # -- arguments ------------------------------------------------------------------------------
+
+    def _add_stats(self, parser: CommandParser) -> None:
+        parser.add_argument(
+            "--format",
+            choices=("text", "json", "prometheus"),
+            default="text",
+            help="text (default), one JSON object, or Prometheus text exposition (for "
+            "node_exporter's textfile collector)",
+        )
+        parser.add_argument("--json", action="store_true", help="same as --format json")
+
+    def _add_check(self, parser: CommandParser) -> None:
+        parser.add_argument("--repair", action="store_true", help="fix what the check finds")
+        parser.add_argument("--json", action="store_true", help="one JSON object, for scripts")
+
+    def _add_clear(self, parser: CommandParser) -> None:
+        _add_noinput(parser)
+
+    def _add_unlink(self, parser: CommandParser) -> None:
+        _add_noinput(parser)
+
+    def _add_list(self, parser: CommandParser) -> None:
+        parser.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    def _add_sessions(self, parser: CommandParser) -> None:
+        parser.add_argument("--user", help="only the sessions of this user id (_auth_user_id)")
+        parser.add_argument("--json", action="store_true", help="a JSON list, for scripts")
+
+    def _add_logout(self, parser: CommandParser) -> None:
+        parser.add_argument("--user", required=True, help="the user id (_auth_user_id)")
+        _add_noinput(parser)
+
+    # -- actions --------------------------------------------------------------------------------
+
+    def _stats(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        with self._open(config) as table:
+            stats = table.stats().as_dict()
+        output = "json" if options["json"] else options["format"]
+        if output == "json":
             self.stdout.write(json.dumps(stats, sort_keys=True))
-            return
-        width = max(len(k) for k in stats)
-        for key, value in stats.items():
-            self.stdout.write(f"{key.ljust(width)}  {_human(key, value)}")
+        elif output == "prometheus":
+            prometheus = introspection.prometheus(stats, store.CLASS_NAMES)
+            self.stdout.write(prometheus, ending="")
+        else:
+            width = max(len(k) for k in stats)
+            for key, value in stats.items():
+                self.stdout.write(f"{key.ljust(width)}  {_human(key, value)}")
 
-    def _check(self, table: SessionTable, repair: bool, as_json: bool) -> None:
-        report = table.check(repair=repair)
-        if as_json:
+    def _check(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        with self._open(config) as table:
+            report = table.check(repair=options["repair"])
+        if options["json"]:
             self.stdout.write(json.dumps(report.as_dict(), sort_keys=True))
         else:
             for problem in report.problems:
                 self.stdout.write(f"problem: {problem}")
             state = "repaired" if report.repaired else ("ok" if report.ok else "NOT OK")
-            self.stdout.write(f"{table.name}: {state}, {report.entries} entries")
+            self.stdout.write(f"{config.name}: {state}, {report.entries} entries")
         if not report.ok and not report.repaired:
             raise CommandError(
                 f"{len(report.problems)} problem(s) found; run "
                 f"`python manage.py shmsession check --repair` to fix them."
             )
 
-    def _clear(self, table: SessionTable, interactive: bool) -> None:
-        if not self._confirm(interactive, f"Delete every session in {table.name!r}?"):
-            self.stdout.write("Nothing deleted.")
-            return
-        removed = table.clear()
-        self.stdout.write(f"Deleted {removed} session(s) from {table.name!r}.")
+    def _clear(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        with self._open(config) as table:
+            if not self._confirm(options, f"Delete every session in {config.name!r}?"):
+                self.stdout.write("Nothing deleted.")
+                return
+            removed = table.clear()
+        self.stdout.write(f"Deleted {removed} session(s) from {config.name!r}.")
 
-    def _unlink(self, config: conf.ShmSessionConfig, interactive: bool) -> None:
+    def _unlink(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
         question = (
             f"Remove the segment {config.name!r} and its semaphores? Every session is lost; "
             f"running workers switch to a new, empty table within a second."
         )
-        if not self._confirm(interactive, question):
+        if not self._confirm(options, question):
             self.stdout.write("Nothing removed.")
             return
         store.reset()  # drop this process's mapping of the segment we are about to remove
@@ -114,8 +147,58 @@ class Command(BaseCommand):
         else:
             self.stdout.write(f"No segment named {config.name!r}; nothing to remove.")
 
-    def _confirm(self, interactive: bool, question: str) -> bool:
-        if not interactive:
+    def _list(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        only = config.name if options.get("name") else None
+        tables = [t for t in introspection.list_tables(config) if only in (None, t.name)]
+        if options["json"]:
+            self.stdout.write(json.dumps([t.as_dict() for t in tables], sort_keys=True))
+            return
+        if not tables:
+            where = introspection.SHM_DIR
+            self.stdout.write(f"No django-shmsession table of this user in {where}.")
+            return
+        for table in tables:
+            self.stdout.write(table.describe())
+
+    def _sessions(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        user = options.get("user")
+        with self._open(config) as table:
+            found = [s for s in introspection.sessions(table) if user is None or s.user_id == user]
+        if options["json"]:
+            self.stdout.write(json.dumps([s.as_dict() for s in found], sort_keys=True))
+            return
+        for session in found:
+            self.stdout.write(session.describe())
+        who = f" of user {user}" if user is not None else ""
+        self.stdout.write(f"{len(found)} live session(s){who} in {config.name!r}.")
+
+    def _logout(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        user = options["user"]
+        question = f"Delete every session of user {user!r} in {config.name!r}?"
+        with self._open(config) as table:
+            if not self._confirm(options, question):
+                self.stdout.write("Nothing deleted.")
+                return
+            removed = introspection.logout(table, user)
+        self.stdout.write(f"Deleted {removed} session(s) of user {user!r} from {config.name!r}.")
+
+    # -- helpers --------------------------------------------------------------------------------
+
+    def _open(self, config: conf.ShmSessionConfig) -> SessionTable:
+        """The existing table (closed by the caller's ``with``); never creates one. Its recorded
+        MAX_SESSION_SIZE and FULL_POLICY are adopted: inspecting or clearing a table works
+        whatever settings it was created with."""
+        try:
+            return store.open_table(config, create=False, adopt=True)
+        except SegmentNotFound as err:
+            raise CommandError(
+                f"No session table named {config.name!r} exists yet: it is created by the first "
+                f"request (or by the gunicorn on_starting hook). Check SHMSESSION['NAME'] (or "
+                f"--name; `manage.py shmsession list` shows the tables there are). ({err})"
+            ) from err
+
+    def _confirm(self, options: dict[str, Any], question: str) -> bool:
+        if not options["interactive"]:
             return True
         try:
             answer = input(f"{question} Type 'yes' to continue, or 'no' to cancel: ")
@@ -123,6 +206,27 @@ class Command(BaseCommand):
             self.stderr.write("\nNo answer (stdin is closed); cancelled. Pass --noinput to skip.")
             return False
         return answer.strip().lower() == "yes"
+
+
+def _add_noinput(parser: CommandParser) -> None:
+    parser.add_argument(
+        "--noinput",
+        "--no-input",
+        action="store_false",
+        dest="interactive",
+        help="do not ask for confirmation",
+    )
+
+
+def _valid_name(name: str) -> str:
+    """``--name`` is checked like SHMSESSION['NAME'] (a leading slash is added if missing)."""
+    name = name if name.startswith("/") else f"/{name}"
+    if not conf.NAME_RE.match(name):
+        raise CommandError(
+            f"--name {name!r} is not a valid table name: a slash followed by up to 200 letters, "
+            f"digits, '.', '_' or '-', e.g. --name /mysite-sessions."
+        )
+    return name
 
 
 def _human(key: str, value: int | float | str) -> str:
