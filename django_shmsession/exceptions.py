@@ -80,3 +80,15 @@ class SettingsMismatch(ShmSessionError, ValueError):
 class WouldBlock(ShmSessionError):
     """A call made through ``SessionTable.inline`` would have had to wait (for the lock, or for
     a recovery to run); nothing was done, so the same call may be retried in a thread."""
+
+
+class SnapshotError(ShmSessionError):
+    """A session snapshot cannot be written or read (see docs/snapshot.md)."""
+
+
+class ForeignSnapshot(SnapshotError):
+    """The file is not a django-shmsession snapshot, or one in a format this version cannot read."""
+
+
+class CorruptSnapshot(SnapshotError):
+    """A snapshot is truncated or damaged; what verified may have been restored (see message)."""

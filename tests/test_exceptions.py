@@ -17,6 +17,9 @@ from django_shmsession import exceptions
         exceptions.ForeignSegment,
         exceptions.LockTimeout,
         exceptions.UnsupportedPlatform,
+        exceptions.SnapshotError,
+        exceptions.ForeignSnapshot,
+        exceptions.CorruptSnapshot,
     ],
 )
 def test_every_error_derives_from_the_base(cls: type[Exception]) -> None:
