@@ -17,6 +17,9 @@ Settings (every key optional)::
         "FULL_POLICY": "evict",
         # Seconds to wait for the table lock held by a live process before LockTimeout.
         "LOCK_TIMEOUT": 10.0,
+        # Warm restart (docs/snapshot.md): the gunicorn hooks restore this snapshot into a new
+        # segment, dump on a clean shutdown and every INTERVAL seconds (0: only at shutdown).
+        "SNAPSHOT": {"PATH": "/var/lib/mysite/sessions.snap", "INTERVAL": 60},
     }
 
 Nothing is read at import time: :func:`get_config` reads and validates on first use and caches the
@@ -49,7 +52,10 @@ DEFAULT_LOCK_TIMEOUT = 10.0
 MIN_SIZE = 1024 * 1024
 MIN_MAX_SESSION_SIZE = 1024
 FULL_POLICIES = ("evict", "raise")
-KNOWN_KEYS = ("NAME", "SIZE", "MAX_SESSION_SIZE", "FULL_POLICY", "LOCK_TIMEOUT")
+KNOWN_KEYS = ("NAME", "SIZE", "MAX_SESSION_SIZE", "FULL_POLICY", "LOCK_TIMEOUT", "SNAPSHOT")
+SNAPSHOT_KEYS = ("PATH", "INTERVAL")
+DEFAULT_SNAPSHOT_INTERVAL = 60.0
+MAX_SNAPSHOT_INTERVAL = 86400.0
 
 # POSIX names: one leading slash, then a portable file name. 200 leaves room for the ".lock"
 # suffix and the "sem." prefix Linux adds under /dev/shm (NAME_MAX is 255).
@@ -62,6 +68,15 @@ NAME_SALT = "django_shmsession.conf.default_name"
 
 
 @dataclass(frozen=True)
+class SnapshotConfig:
+    """Validated ``SHMSESSION["SNAPSHOT"]``: where the snapshot lives, how often to dump it."""
+
+    path: str
+    #: Seconds between periodic dumps by the gunicorn master; 0 dumps only at shutdown.
+    interval: float
+
+
+@dataclass(frozen=True)
 class ShmSessionConfig:
     """Validated ``SHMSESSION`` settings, with sizes in bytes."""
 
@@ -70,6 +85,7 @@ class ShmSessionConfig:
     max_session_size: int
     full_policy: str
     lock_timeout: float
+    snapshot: SnapshotConfig | None = None
 
 
 _config: ShmSessionConfig | None = None
@@ -112,6 +128,7 @@ def load_config(raw: object) -> ShmSessionConfig:
         max_session_size=max_session,
         full_policy=_parse_policy(raw.get("FULL_POLICY", "evict")),
         lock_timeout=_parse_timeout(raw.get("LOCK_TIMEOUT", DEFAULT_LOCK_TIMEOUT)),
+        snapshot=_parse_snapshot(raw.get("SNAPSHOT")),
     )
 
 
@@ -172,6 +189,39 @@ def _parse_timeout(value: object) -> float:
             f"greater than 0 and at most 3600, e.g. 10."
         )
     return float(value)  # type: ignore[arg-type]
+
+
+def _parse_snapshot(value: object) -> SnapshotConfig | None:
+    """``{"PATH": "/abs/file", "INTERVAL": 60}``; None (or absent) turns warm restart off."""
+    example = f"{SETTING}['SNAPSHOT'] = {{'PATH': '/var/lib/mysite/sessions.snap', 'INTERVAL': 60}}"
+    if value is None:
+        return None
+    if not isinstance(value, Mapping):
+        raise ImproperlyConfigured(f"{SETTING}['SNAPSHOT'] must be a dict, e.g. {example}.")
+    unknown = sorted(str(k) for k in value if k not in SNAPSHOT_KEYS)
+    if unknown:
+        raise ImproperlyConfigured(
+            f"Unknown {SETTING}['SNAPSHOT'] key(s): {', '.join(unknown)}. Valid keys are "
+            f"{', '.join(SNAPSHOT_KEYS)}."
+        )
+    path = value.get("PATH")
+    if isinstance(path, Path):
+        path = str(path)
+    if not isinstance(path, str) or not os.path.isabs(path) or path.endswith("/"):
+        raise ImproperlyConfigured(
+            f"{SETTING}['SNAPSHOT']['PATH'] = {path!r} is not the absolute path of a file. "
+            f"Write e.g. {example} (the directory must exist and be writable by the site)."
+        )
+    interval = value.get("INTERVAL", DEFAULT_SNAPSHOT_INTERVAL)
+    number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
+    seconds = float(interval) if number else -1.0  # type: ignore[arg-type]
+    if not (seconds == 0 or 1 <= seconds <= MAX_SNAPSHOT_INTERVAL):
+        raise ImproperlyConfigured(
+            f"{SETTING}['SNAPSHOT']['INTERVAL'] = {interval!r} is not an interval. Write a number "
+            f"of seconds from 1 to {MAX_SNAPSHOT_INTERVAL:.0f} (at most that much of session "
+            "writes is lost if the machine crashes), or 0 to dump only at shutdown."
+        )
+    return SnapshotConfig(path=os.path.normpath(path), interval=seconds)
 
 
 def _parse_name(value: object) -> str:
