@@ -2,7 +2,7 @@
 
     import os
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "mysite.settings")
-    from django_shmsession.gunicorn import child_exit, on_starting  # noqa: F401
+    from django_shmsession.gunicorn import child_exit, on_exit, on_starting  # noqa: F401
 
 ``on_starting`` opens (creating if needed) the table in the master before any worker exists, so
 workers never race to create it and a bad SIZE or a full /dev/shm stops the server at start
@@ -17,6 +17,10 @@ after the fork.
 
 Nothing here unlinks the segment: a restart or a USR2 binary upgrade keeps every session. If you
 already have these hooks, call ours from yours.
+
+With ``SHMSESSION["SNAPSHOT"]`` (warm restart, :mod:`.snapshot_hooks`): ``on_starting`` restores
+the snapshot into a segment it had to create and starts the periodic dumps, and ``on_exit``
+dumps once more after the workers stopped.
 """
 
 from __future__ import annotations
@@ -28,13 +32,23 @@ from django_shmsession.exceptions import SegmentNotFound
 
 def on_starting(server: Any) -> None:
     """Master, before the first fork: open or create the table, report it, close it."""
-    from django_shmsession import conf, store
+    from django_shmsession import conf, snapshot_hooks, store
 
-    table = store.open_table(conf.get_config(), create=True)
+    config = conf.get_config()
+    table = store.open_table(config, create=True)
     try:
         server.log.info("django-shmsession: table %s ready (%d bytes)", table.name, table.size)
+        snapshot_hooks.restore_at_start(server, config, table)
     finally:
         table.close()
+    snapshot_hooks.start_periodic(server, config)
+
+
+def on_exit(server: Any) -> None:
+    """Master, after the workers stopped: with SNAPSHOT, dump the table once more."""
+    from django_shmsession import conf, snapshot_hooks
+
+    snapshot_hooks.dump_at_exit(server, conf.get_config())
 
 
 def child_exit(server: Any, worker: Any) -> None:

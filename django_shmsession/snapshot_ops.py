@@ -38,7 +38,7 @@ from .snapshot import (
     SnapshotRecord,
     SnapshotWriter,
 )
-from .snapshot_files import AtomicFile, read_buffer, record_state
+from .snapshot_files import AtomicFile, read_buffer, read_state, record_state
 
 logger = logging.getLogger("django_shmsession")
 
@@ -455,3 +455,22 @@ def iter_records(path: str) -> Iterator[SnapshotRecord]:
             record = reader.record(ref)
             if record is not None:
                 yield record
+
+
+#: The ``stats`` keys of the last dump and restore (from the snapshot's state sidecar).
+STATS_KEYS = tuple(
+    f"last_{event}_{what}"
+    for event in ("dump", "restore")
+    for what in ("at", "sessions", "bytes", "duration")
+)
+
+
+def last_runs(path: str | None) -> dict[str, Any]:
+    """``snapshot_path`` and the :data:`STATS_KEYS` recorded for ``path`` (None: never ran)."""
+    found: dict[str, Any] = {"snapshot_path": path or ""}
+    state = read_state(path) if path else {}
+    for key in STATS_KEYS:
+        event, what = key[len("last_") :].split("_", 1)
+        facts = state.get(f"last_{event}")
+        found[key] = facts.get(what) if isinstance(facts, dict) else None
+    return found

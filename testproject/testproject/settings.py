@@ -6,6 +6,7 @@ Environment variables (all optional):
 - SHMSESSION_LOCK_TIMEOUT: seconds, SHMSESSION["LOCK_TIMEOUT"] (default: the engine's).
 - SHMSESSION_MAX_SESSION_SIZE, SHMSESSION_FULL_POLICY: those SHMSESSION keys (default: the
   engine's).
+- SHMSESSION_SNAPSHOT_PATH, SHMSESSION_SNAPSHOT_INTERVAL: warm restart (SHMSESSION["SNAPSHOT"]).
 - SESSION_ENGINE: another session engine, for benchmarks against peers
   (default "django_shmsession.backend").
 - DJANGO_DEBUG: "1" for DEBUG = True.
@@ -42,6 +43,11 @@ if os.environ.get("SHMSESSION_LOCK_TIMEOUT"):
 for _key in ("MAX_SESSION_SIZE", "FULL_POLICY"):
     if os.environ.get(f"SHMSESSION_{_key}"):
         SHMSESSION[_key] = os.environ[f"SHMSESSION_{_key}"]
+if os.environ.get("SHMSESSION_SNAPSHOT_PATH"):
+    SHMSESSION["SNAPSHOT"] = {
+        "PATH": os.environ["SHMSESSION_SNAPSHOT_PATH"],
+        "INTERVAL": float(os.environ.get("SHMSESSION_SNAPSHOT_INTERVAL", "60")),
+    }
 
 USE_TZ = True
 # Django exports TIME_ZONE as TZ when settings load (gunicorn's master loads them in on_starting);

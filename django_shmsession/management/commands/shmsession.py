@@ -1,6 +1,7 @@
 """``manage.py shmsession ACTION``: inspect and reset the session table.
 
-Actions: ``stats``, ``check``, ``clear``, ``unlink``, ``list``, ``sessions``, ``logout``. Each one
+Actions: ``stats``, ``check``, ``clear``, ``unlink``, ``list``, ``sessions``, ``logout``,
+``dump``, ``restore`` (snapshots, docs/snapshot.md: the one action that creates a table). Each one
 is an ``_add_<action>`` method (its arguments) and a ``_<action>`` method (what it does),
 dispatched by name, so a new action is two methods and one entry in ``ACTIONS``. Every action
 takes ``--name`` to inspect a table other than the settings' NAME without editing settings.
@@ -14,12 +15,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import time
 from collections.abc import Callable
 from typing import Any
 
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
-from django_shmsession import conf, introspection, store
+from django_shmsession import conf, introspection, snapshot_ops, store
 from django_shmsession.exceptions import SegmentNotFound, ShmSessionError
 from django_shmsession.table import SessionTable
 
@@ -32,6 +34,8 @@ ACTIONS = {
     "list": "every django-shmsession table of this user in /dev/shm",
     "sessions": "the live sessions: key prefix, size, expiry, user id (never their values)",
     "logout": "delete every session of one user (--user ID)",
+    "dump": "write a snapshot of every live session to PATH (-: stdout)",
+    "restore": "load a snapshot from PATH (-: stdin) into the table (created if absent)",
 }
 
 
@@ -71,6 +75,11 @@ class Command(BaseCommand):
             "node_exporter's textfile collector)",
         )
         parser.add_argument("--json", action="store_true", help="same as --format json")
+        parser.add_argument(
+            "--snapshot",
+            metavar="PATH",
+            help="show the last dump and restore of this snapshot (default: SNAPSHOT['PATH'])",
+        )
 
     def _add_check(self, parser: CommandParser) -> None:
         parser.add_argument("--repair", action="store_true", help="fix what the check finds")
@@ -93,12 +102,21 @@ class Command(BaseCommand):
         parser.add_argument("--user", required=True, help="the user id (_auth_user_id)")
         _add_noinput(parser)
 
+    def _add_dump(self, parser: CommandParser) -> None:
+        _add_snapshot_path(parser)
+
+    def _add_restore(self, parser: CommandParser) -> None:
+        _add_snapshot_path(parser)
+
     # -- actions --------------------------------------------------------------------------------
 
     def _stats(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
         with self._open(config) as table:
-            stats = table.stats().as_dict()
+            stats: dict[str, Any] = dict(table.stats().as_dict())
+        runs = snapshot_ops.last_runs(options["snapshot"] or _default_path(config))
         output = "json" if options["json"] else options["format"]
+        # Prometheus gets the numbers it can export (a run that never happened has none).
+        stats.update(runs if output != "prometheus" else _known(runs))
         if output == "json":
             self.stdout.write(json.dumps(stats, sort_keys=True))
         elif output == "prometheus":
@@ -182,6 +200,31 @@ class Command(BaseCommand):
             removed = introspection.logout(table, user)
         self.stdout.write(f"Deleted {removed} session(s) of user {user!r} from {config.name!r}.")
 
+    def _dump(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        path = _snapshot_path(config, options["path"])
+        with self._open(config) as table:
+            try:
+                result = snapshot_ops.dump(table, path)
+            except OSError as err:
+                raise CommandError(f"cannot write the snapshot {path}: {err}") from err
+        # With "-" stdout carries the snapshot itself: the report goes to stderr.
+        (self.stderr if path == "-" else self.stdout).write(result.summary())
+
+    def _restore(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        """Into the table, created with the configured SIZE if absent: restoring before the
+        site starts is how a new SIZE is filled (see the README)."""
+        path = _snapshot_path(config, options["path"])
+        with store.open_table(config, create=True) as table:
+            result = snapshot_ops.restore(table, path)
+            self.stdout.write(result.summary())
+            if result.did_not_fit:
+                self.stdout.write(
+                    f"{result.did_not_fit} session(s) did not fit in the table "
+                    f"({table.size} bytes); the ones that expire last were kept. Raise "
+                    "SHMSESSION['SIZE'] to keep them all."
+                )
+        result.raise_if_damaged()
+
     # -- helpers --------------------------------------------------------------------------------
 
     def _open(self, config: conf.ShmSessionConfig) -> SessionTable:
@@ -218,6 +261,33 @@ def _add_noinput(parser: CommandParser) -> None:
     )
 
 
+def _add_snapshot_path(parser: CommandParser) -> None:
+    parser.add_argument(
+        "path",
+        nargs="?",
+        metavar="PATH",
+        help="the snapshot file, or - (default: SHMSESSION['SNAPSHOT']['PATH'])",
+    )
+
+
+def _default_path(config: conf.ShmSessionConfig) -> str | None:
+    return config.snapshot.path if config.snapshot is not None else None
+
+
+def _snapshot_path(config: conf.ShmSessionConfig, given: str | None) -> str:
+    path = given or _default_path(config)
+    if path is None:
+        raise CommandError(
+            "Give the snapshot's PATH (or - for stdin/stdout), or set "
+            "SHMSESSION['SNAPSHOT'] = {'PATH': '/var/lib/mysite/sessions.snap'}."
+        )
+    return path
+
+
+def _known(runs: dict[str, Any]) -> dict[str, Any]:
+    return {key: value for key, value in runs.items() if value is not None}
+
+
 def _valid_name(name: str) -> str:
     """``--name`` is checked like SHMSESSION['NAME'] (a leading slash is added if missing)."""
     name = name if name.startswith("/") else f"/{name}"
@@ -229,8 +299,17 @@ def _valid_name(name: str) -> str:
     return name
 
 
-def _human(key: str, value: int | float | str) -> str:
-    """Byte counts with a readable unit beside them, fractions as percentages."""
+def _human(key: str, value: int | float | str | None) -> str:
+    """Byte counts with a readable unit beside them, fractions as percentages, times in UTC."""
+    if value is None:
+        return "never" if key.endswith("_at") else "-"
+    if key == "snapshot_path" and not value:
+        return "(none: no SHMSESSION['SNAPSHOT'])"
+    if key.endswith("_at") and isinstance(value, (int, float)):
+        when = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(value))
+        return f"{when} ({max(time.time() - value, 0):.0f} s ago)"
+    if key.endswith("_duration") and isinstance(value, (int, float)):
+        return f"{value:.3f} s"
     if key == "occupancy" and isinstance(value, float):
         return f"{100 * value:.2f} %"
     if key.endswith(("_size", "_bytes")) and isinstance(value, int) and value >= 1024:
