@@ -134,6 +134,7 @@ class PeriodicDumps:
         self.interval = config.snapshot.interval
         self.master = os.getpid()
         self.pidfd: int | None = None
+        self.pid: int | None = None  # the last child (for logs and tests; gunicorn reaps it)
         self.results: int | None = None  # read end of the running child's pipe
         self.last_duration = 0.0
 
@@ -185,6 +186,7 @@ class PeriodicDumps:
             os.close(read_end)
             _dump_child(self.server, self.config, write_end)
         os.close(write_end)
+        self.pid = pid
         self.results = read_end
         try:
             self.pidfd = os.pidfd_open(pid)
