@@ -214,7 +214,7 @@ def _parse_snapshot(value: object) -> SnapshotConfig | None:
         )
     interval = value.get("INTERVAL", DEFAULT_SNAPSHOT_INTERVAL)
     number = isinstance(interval, (int, float)) and not isinstance(interval, bool)
-    seconds = float(interval) if number else -1.0  # type: ignore[arg-type]
+    seconds = float(interval) if number else -1.0
     if not (seconds == 0 or 1 <= seconds <= MAX_SNAPSHOT_INTERVAL):
         raise ImproperlyConfigured(
             f"{SETTING}['SNAPSHOT']['INTERVAL'] = {interval!r} is not an interval. Write a number "

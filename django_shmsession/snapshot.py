@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import mmap
 import struct
 import zlib
 from collections.abc import Iterable, Iterator
@@ -271,7 +272,7 @@ class SnapshotReader:
     :raises CorruptSnapshot: the file is empty, cut inside its header, or its header is damaged.
     """
 
-    def __init__(self, buf: bytes | memoryview | Any, source: str = "snapshot") -> None:
+    def __init__(self, buf: bytes | mmap.mmap, source: str = "snapshot") -> None:
         self._buf = buf
         self._source = source
         self.size = len(buf)
@@ -402,7 +403,7 @@ class SnapshotReader:
 
     def _crc_ok(self, pos: int, stop: int) -> bool:
         (crc,) = _CRC.unpack_from(self._buf, stop)
-        return _crc(memoryview(self._buf)[pos:stop]) == crc
+        return bool(_crc(memoryview(self._buf)[pos:stop]) == crc)
 
     def _read_trailer(self, pos: int, seq: int) -> bool:
         if pos + TRAILER_SIZE > self.size:
