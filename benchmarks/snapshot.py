@@ -236,7 +236,7 @@ def main() -> None:
         return restore_child(args.restore[0], int(args.restore[1]), args.restore[2])
     sessions = args.sessions or (100_000 if args.quick else 1_000_000)
     size = args.size or ((128 << 20) if args.quick else (1 << 30))
-    run(sessions, size, "snapshot-quick" if args.quick else "snapshot")
+    run(sessions, size, "snapshot")
 
 
 def run(sessions: int, size: int, stem: str) -> None:
