@@ -21,7 +21,7 @@ run:
 5. writes results/snapshot.md and .json.
 
 The longest lock hold is measured by the dumper/restorer around each batch (the scan call, or
-the ``with table.batch()`` block: an upper bound of the hold, since it includes the Python work
+the ``table.batch(...)`` call: an upper bound of the hold, since it includes the Python work
 around the lock); the prober's maximum is the longest any request actually waited.
 """
 
@@ -62,12 +62,15 @@ def fill(name: str, size: int, sessions: int) -> float:
     values = {n: rng.randbytes(n) for n in VALUE_SIZES}
     now = time.time()
     start = time.perf_counter()
+
+    def add_range(table: SessionTable, start: int, stop: int) -> None:
+        for i in range(start, stop):
+            value = values[VALUE_SIZES[i % len(VALUE_SIZES)]]
+            table.add(key_of(i), value, now + DAY * (0.1 + 0.9 * rng.random()), i % 4)
+
     with SessionTable(name, size) as table:
         for done in range(0, sessions, 256):
-            with table.batch():
-                for i in range(done, min(done + 256, sessions)):
-                    value = values[VALUE_SIZES[i % len(VALUE_SIZES)]]
-                    table.add(key_of(i), value, now + DAY * (0.1 + 0.9 * rng.random()), i % 4)
+            table.batch(add_range, table, done, min(done + 256, sessions))
         stats = table.stats()
     if stats.entries != sessions:
         raise SystemExit(f"fill: {stats.entries} of {sessions} sessions fit; raise --size")
@@ -212,7 +215,7 @@ method in the docstring of `benchmarks/snapshot.py`.
 
 {table}
 
-- *longest batch*: the longest scan call (dump) or `with table.batch()` block of 256 adds
+- *longest batch*: the longest scan call (dump) or `table.batch(...)` call of 256 adds
   (restore), timed by the dumper/restorer: an upper bound of one lock hold.
 - *longest get meanwhile*: the slowest of the prober's {data["dump_probe"]["gets"]:,} (dump) /
   {data["restore_probe"]["gets"]:,} (restore) gets: what a request waited at worst.

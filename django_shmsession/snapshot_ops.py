@@ -23,10 +23,9 @@ import os
 import sys
 import time
 from array import array
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
-from typing import Any, BinaryIO, Protocol
+from typing import Any, BinaryIO
 
 from . import __version__, faults
 from .exceptions import CorruptSnapshot, TableFull, ValueTooLarge
@@ -39,6 +38,7 @@ from .snapshot import (
     SnapshotWriter,
 )
 from .snapshot_files import AtomicFile, read_buffer, read_state, record_state
+from .table import SessionTable
 
 logger = logging.getLogger("django_shmsession")
 
@@ -46,43 +46,6 @@ BATCH = 256
 #: After this many adds in a row failed for lack of room, the rest is counted as not fitting
 #: without trying (each try reclaims expired entries first: a long hopeless tail is slow).
 HOPELESS = 1024
-
-
-class ScanItemLike(Protocol):
-    """What a dump reads of one entry (``table.ScanItem``)."""
-
-    @property
-    def key(self) -> str: ...
-    @property
-    def value(self) -> bytes: ...
-    @property
-    def expires_at(self) -> float: ...
-    @property
-    def priority(self) -> int: ...
-
-
-class Dumpable(Protocol):
-    """The part of :class:`~django_shmsession.table.SessionTable` a dump uses."""
-
-    @property
-    def name(self) -> str: ...
-    @property
-    def size(self) -> int: ...
-    def scan(
-        self, cursor: int = 0, batch_size: int = 256
-    ) -> tuple[Sequence[ScanItemLike], int]: ...
-
-
-class Restorable(Protocol):
-    """The part of :class:`~django_shmsession.table.SessionTable` a restore uses."""
-
-    @property
-    def name(self) -> str: ...
-    def add(
-        self, key: str, value: bytes, expires_at: float, priority: int = 0, *, evict: bool = True
-    ) -> bool: ...
-    def batch(self) -> AbstractContextManager[Any]: ...
-    def stats(self) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -171,7 +134,11 @@ class RestoreResult:
 
 
 def dump(
-    table: Dumpable, path: str, *, batch_size: int = BATCH, clock: Callable[[], float] = time.time
+    table: SessionTable,
+    path: str,
+    *,
+    batch_size: int = BATCH,
+    clock: Callable[[], float] = time.time,
 ) -> DumpResult:
     """Write every live session of ``table`` to ``path`` (``-``: stdout), atomically for a file.
 
@@ -191,7 +158,7 @@ def dump(
 
 
 def dump_to_stream(
-    table: Dumpable,
+    table: SessionTable,
     stream: BinaryIO,
     path: str,
     *,
@@ -242,7 +209,7 @@ def dump_to_stream(
     )
 
 
-def _meta(table: Dumpable, started_at: float) -> dict[str, Any]:
+def _meta(table: SessionTable, started_at: float) -> dict[str, Any]:
     return {
         "created_at": started_at,
         "table": table.name,
@@ -267,7 +234,7 @@ def _dump_facts(result: DumpResult) -> dict[str, Any]:
 
 
 def restore(
-    table: Restorable,
+    table: SessionTable,
     path: str,
     *,
     batch_size: int = BATCH,
@@ -298,7 +265,7 @@ def restore(
 
 def _restore_from(
     reader: SnapshotReader,
-    table: Restorable,
+    table: SessionTable,
     result: RestoreResult,
     batch_size: int,
     clock: Callable[[], float],
@@ -374,7 +341,7 @@ def _drop_superseded(
 
 def _insert(
     reader: SnapshotReader,
-    table: Restorable,
+    table: SessionTable,
     offsets: array[int],
     order: list[int],
     result: RestoreResult,
@@ -388,14 +355,21 @@ def _insert(
             return
         records = [reader.record(RecordRef(offsets[i], 0.0, 0)) for i in chunk]
         before = time.perf_counter()
-        with table.batch():
-            for record in records:
-                failed_in_a_row = _add_one(table, record, result, failed_in_a_row)
+        failed_in_a_row = table.batch(_add_all, table, records, result, failed_in_a_row)
         result.longest_hold = max(result.longest_hold, time.perf_counter() - before)
 
 
+def _add_all(
+    table: SessionTable, records: list[SnapshotRecord | None], result: RestoreResult, failed: int
+) -> int:
+    """Add ``records`` (run under one lock hold by ``table.batch``)."""
+    for record in records:
+        failed = _add_one(table, record, result, failed)
+    return failed
+
+
 def _add_one(
-    table: Restorable, record: SnapshotRecord | None, result: RestoreResult, failed: int
+    table: SessionTable, record: SnapshotRecord | None, result: RestoreResult, failed: int
 ) -> int:
     """Add one record; returns the new count of adds in a row that failed for lack of room."""
     if record is None:  # the file changed between the verification and now
@@ -419,7 +393,7 @@ def _add_one(
     return 0
 
 
-def _no_entry_left(table: Restorable, failed_in_a_row: int) -> bool:
+def _no_entry_left(table: SessionTable, failed_in_a_row: int) -> bool:
     """After a failed add: True if no entry slot is left (every further add would fail)."""
     if not failed_in_a_row:
         return False

@@ -82,8 +82,8 @@ def test_on_exit_dumps_and_on_starting_restores_a_new_segment(snap: Path, shm_na
     server = fake_server()
     gunicorn.on_starting(server)
     assert any("Restored 20 of 20 session(s)" in m for m in messages(server, "info"))
-    assert logged_in(made)
     assert store._table is None  # the master keeps no mapping
+    assert logged_in(made)
 
 
 def test_an_existing_segment_is_not_restored_into(snap: Path, shm_name: str) -> None:

@@ -29,15 +29,18 @@ def fill(
     """``n`` sessions, values cycling through ``sizes``; returns key -> (value, expiry, prio)."""
     rng = random.Random(seed)
     made: dict[str, tuple[bytes, float, int]] = {}
-    with table.batch():
-        for i in range(n):
-            key = f"{seed:04d}{i:028d}"
-            value = rng.randbytes(sizes[i % len(sizes)])
-            expires = now + 10 + rng.randrange(1_000_000)
-            priority = i % 4
-            assert table.add(key, value, expires, priority)
-            made[key] = (value, expires, priority)
+    for i in range(n):
+        key = f"{seed:04d}{i:028d}"
+        made[key] = (rng.randbytes(sizes[i % len(sizes)]), now + 10 + rng.randrange(10**6), i % 4)
+    items = list(made.items())
+    for start in range(0, n, 256):
+        table.batch(add_all, table, items[start : start + 256])
     return made
+
+
+def add_all(table: SessionTable, items: list[tuple[str, tuple[bytes, float, int]]]) -> None:
+    for key, (value, expires, priority) in items:
+        assert table.add(key, value, expires, priority)
 
 
 def contents(table: SessionTable) -> dict[str, tuple[bytes, float, int]]:
@@ -123,9 +126,8 @@ def test_expired_sessions_are_skipped(
 ) -> None:
     source = make_table()
     now = clock()
-    with source.batch():
-        for i in range(100):
-            source.add(f"key{i:05d}", b"v" * 10, now + 10 + i)  # key i expires at now+10+i
+    for i in range(100):
+        source.add(f"key{i:05d}", b"v" * 10, now + 10 + i)  # key i expires at now+10+i
     path = str(tmp_path / "s.snap")
     snapshot_ops.dump(source, path, clock=clock)
     clock.advance(60)  # keys 0..50 expire (now+10+i <= now+60)
