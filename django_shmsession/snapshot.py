@@ -51,7 +51,7 @@ MAX_META = 64 * 1024
 BLOCK_MAGIC = b"\x89SNB"
 TRAILER_MAGIC = b"\x89SNE"
 #: Records per block at most: one batch of the table's scan.
-BLOCK_RECORDS = 256
+BLOCK_RECORDS = 128
 #: Record flag: an earlier record of the file may have the same key (written during the dump);
 #: the reader keeps, of all the records with that key, the one that expires last.
 F_SUPERSEDES = 0x0001

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import os
+import statistics
 import sys
 import time
 from array import array
@@ -42,7 +43,11 @@ from .table import SessionTable
 
 logger = logging.getLogger("django_shmsession")
 
-BATCH = 256
+#: Entries per scan batch of a dump (one lock hold copies this many values out).
+BATCH = 128
+#: Adds per lock hold of a restore: an add costs several times a scanned entry, so fewer of them
+#: keep a hold as short as a scan batch's.
+RESTORE_BATCH = 64
 #: After this many adds in a row failed for lack of room, the rest is counted as not fitting
 #: without trying (each try reclaims expired entries first: a long hopeless tail is slow).
 HOPELESS = 1024
@@ -61,6 +66,8 @@ class DumpResult:
     longest_hold: float
     batches: int
     duplicates: int
+    #: The median batch: what a hold typically costs (the longest one includes preemptions).
+    median_hold: float = 0.0
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -92,6 +99,7 @@ class RestoreResult:
     started_at: float = 0.0
     duration: float = 0.0
     longest_hold: float = 0.0
+    median_hold: float = 0.0
     damage: Damage = field(default_factory=Damage)
 
     @property
@@ -170,14 +178,13 @@ def dump_to_stream(
     start = time.perf_counter()
     writer = SnapshotWriter(stream, _meta(table, started_at))
     seen: set[int] = set()  # hash(key) of every record written: duplicates are rare
-    longest = 0.0
-    batches = duplicates = 0
+    holds: list[float] = []
+    duplicates = 0
     cursor = 0
     while True:
         before = time.perf_counter()
         items, cursor = table.scan(cursor, batch_size)
-        longest = max(longest, time.perf_counter() - before)
-        batches += 1
+        holds.append(time.perf_counter() - before)
         records = []
         for item in items:
             marker = hash(item.key)
@@ -203,9 +210,10 @@ def dump_to_stream(
         bytes=size,
         started_at=started_at,
         duration=duration,
-        longest_hold=longest,
-        batches=batches,
+        longest_hold=max(holds),
+        batches=len(holds),
         duplicates=duplicates,
+        median_hold=statistics.median(holds),
     )
 
 
@@ -237,7 +245,7 @@ def restore(
     table: SessionTable,
     path: str,
     *,
-    batch_size: int = BATCH,
+    batch_size: int = RESTORE_BATCH,
     clock: Callable[[], float] = time.time,
 ) -> RestoreResult:
     """Load the snapshot at ``path`` (``-``: stdin) into ``table``; see the module docstring.
@@ -347,16 +355,21 @@ def _insert(
     result: RestoreResult,
     batch_size: int,
 ) -> None:
+    holds: list[float] = []
     failed_in_a_row = 0
     for done in range(0, len(order), batch_size):
-        chunk = order[done : done + batch_size]
         if failed_in_a_row >= HOPELESS or _no_entry_left(table, failed_in_a_row):
             result.did_not_fit += len(order) - done
-            return
-        records = [reader.record(RecordRef(offsets[i], 0.0, 0)) for i in chunk]
+            break
+        records = [
+            reader.record(RecordRef(offsets[i], 0.0, 0)) for i in order[done : done + batch_size]
+        ]
         before = time.perf_counter()
         failed_in_a_row = table.batch(_add_all, table, records, result, failed_in_a_row)
-        result.longest_hold = max(result.longest_hold, time.perf_counter() - before)
+        holds.append(time.perf_counter() - before)
+    if holds:
+        result.longest_hold = max(holds)
+        result.median_hold = statistics.median(holds)
 
 
 def _add_all(
