@@ -66,6 +66,8 @@ _RECORD = struct.Struct("<BBHId")
 _TRAILER = struct.Struct("<4sIQQdd32sI")
 _CRC = struct.Struct("<I")
 _unpack_record = _RECORD.unpack_from
+_pack_record = _RECORD.pack
+_pack_crc = _CRC.pack
 _unpack_crc = _CRC.unpack_from
 
 HEADER_MIN = _HEADER.size + _CRC.size
@@ -170,28 +172,32 @@ def _crc(data: bytes | memoryview) -> int:
     return zlib.crc32(data) & 0xFFFFFFFF
 
 
+#: What a writer takes per record: (key, value, expires_at, priority, flags), as SnapshotRecord.
+RecordFields = tuple[str, bytes, float, int, int]
+
+
 def encode_record(record: SnapshotRecord) -> bytes:
     """The bytes of one record, CRC included.
 
     :raises ValueError: for a key or priority the format cannot hold, or a non-finite expiry.
     """
-    key = record.key.encode()
+    return b"".join(_encode(*record))
+
+
+def _encode(
+    key_text: str, value: bytes, expires_at: float, priority: int, flags: int
+) -> tuple[bytes, bytes, bytes, bytes]:
+    """A record as its four parts (head, key, value, CRC), so a block joins them once."""
+    key = key_text.encode()
     if not 0 < len(key) <= 255:
-        raise ValueError(f"snapshot keys are 1 to 255 bytes of UTF-8, got {record.key[:80]!r}")
-    if not 0 <= record.priority <= 255:
-        raise ValueError(f"priority must be 0..255, not {record.priority}")
-    if not math.isfinite(record.expires_at):
-        raise ValueError(f"expires_at must be finite, not {record.expires_at!r}")
-    body = b"".join(
-        (
-            _RECORD.pack(
-                len(key), record.priority, record.flags, len(record.value), record.expires_at
-            ),
-            key,
-            record.value,
-        )
-    )
-    return body + _CRC.pack(_crc(body))
+        raise ValueError(f"snapshot keys are 1 to 255 bytes of UTF-8, got {key_text[:80]!r}")
+    if not 0 <= priority <= 255:
+        raise ValueError(f"priority must be 0..255, not {priority}")
+    if not math.isfinite(expires_at):
+        raise ValueError(f"expires_at must be finite, not {expires_at!r}")
+    head = _pack_record(len(key), priority, flags, len(value), expires_at)
+    crc = zlib.crc32(value, zlib.crc32(key, zlib.crc32(head)))
+    return head, key, value, _pack_crc(crc)
 
 
 class SnapshotWriter:
@@ -221,16 +227,23 @@ class SnapshotWriter:
     def bytes_written(self) -> int:
         return self._bytes
 
-    def write_block(self, records: Iterable[SnapshotRecord]) -> int:
-        """Write one block holding ``records`` (none: nothing is written); returns its bytes."""
-        encoded = [encode_record(r) for r in records]
-        if not encoded:
+    def write_block(self, records: Iterable[RecordFields]) -> int:
+        """Write one block holding ``records`` (none: nothing is written); returns its bytes.
+
+        :raises ValueError: as :func:`encode_record`.
+        """
+        parts: list[bytes] = []
+        count = 0
+        for record in records:
+            parts += _encode(*record)
+            count += 1
+        if not count:
             return 0
-        body = b"".join(encoded)
-        head = _BLOCK.pack(BLOCK_MAGIC, self._blocks, len(encoded), len(body), 0)[:16]
+        body = b"".join(parts)
+        head = _BLOCK.pack(BLOCK_MAGIC, self._blocks, count, len(body), 0)[:16]
         self._emit(head + _CRC.pack(_crc(head)) + body)
         self._blocks += 1
-        self._records += len(encoded)
+        self._records += count
         return len(head) + _CRC.size + len(body)
 
     def finish(self, duration: float, finished_at: float) -> int:
@@ -431,7 +444,11 @@ class SnapshotReader:
 
     def record(self, ref: RecordRef) -> SnapshotRecord | None:
         """The record ``ref`` points at, verified again (None if the buffer changed under us)."""
-        buf, offset = self._buf, ref[0]
+        return self.record_at(ref[0])
+
+    def record_at(self, offset: int) -> SnapshotRecord | None:
+        """The record at byte ``offset`` (a :attr:`RecordRef.offset`), verified again."""
+        buf = self._buf
         key_len, priority, flags, value_len, expires_at = _unpack_record(buf, offset)
         key_end = _RECORD.size + key_len
         stop = offset + key_end + value_len

@@ -129,10 +129,15 @@ class AtomicFile:
                 f"cannot write {path}: no permission to create files in {self.directory}; "
                 "make it writable by the site's user"
             ) from err
-        os.fchmod(fd, MODE)  # the umask may have taken bits away, never add them: be exact
-        _lock_exclusive(fd)
+        try:
+            os.fchmod(fd, MODE)  # the umask may have taken bits away, never add them: be exact
+            _lock_exclusive(fd)
+            self.stream: BinaryIO = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), BUFFER)
+        except BaseException:
+            os.close(fd)
+            os.unlink(self.temp)
+            raise
         self.fd = fd
-        self.stream: BinaryIO = io.BufferedWriter(io.FileIO(fd, "wb", closefd=False), BUFFER)
         self.committed = False
         _fault("dump:after-open")
 

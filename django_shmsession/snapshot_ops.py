@@ -39,7 +39,7 @@ from .snapshot import (
     SnapshotWriter,
 )
 from .snapshot_files import AtomicFile, read_buffer, read_state, record_state
-from .table import SessionTable
+from .table import PRIORITY_CLASSES, SessionTable
 
 logger = logging.getLogger("django_shmsession")
 
@@ -187,15 +187,14 @@ def dump_to_stream(
         holds.append(time.perf_counter() - before)
         records = []
         for item in items:
-            marker = hash(item.key)
+            key = item.key
+            marker = hash(key)
             flags = 0
             if marker in seen:  # maybe a re-created session; the reader settles it
                 flags = F_SUPERSEDES
                 duplicates += 1
             seen.add(marker)
-            records.append(
-                SnapshotRecord(item.key, item.value, item.expires_at, item.priority, flags)
-            )
+            records.append((key, item.value, item.expires_at, item.priority, flags))
         writer.write_block(records)
         if faults.hook is not None:
             faults.hook("dump:after-block")
@@ -356,14 +355,13 @@ def _insert(
     batch_size: int,
 ) -> None:
     holds: list[float] = []
+    record_at = reader.record_at
     failed_in_a_row = 0
     for done in range(0, len(order), batch_size):
         if failed_in_a_row >= HOPELESS or _no_entry_left(table, failed_in_a_row):
             result.did_not_fit += len(order) - done
             break
-        records = [
-            reader.record(RecordRef(offsets[i], 0.0, 0)) for i in order[done : done + batch_size]
-        ]
+        records = [record_at(offsets[i]) for i in order[done : done + batch_size]]
         before = time.perf_counter()
         failed_in_a_row = table.batch(_add_all, table, records, result, failed_in_a_row)
         holds.append(time.perf_counter() - before)
@@ -375,35 +373,34 @@ def _insert(
 def _add_all(
     table: SessionTable, records: list[SnapshotRecord | None], result: RestoreResult, failed: int
 ) -> int:
-    """Add ``records`` (run under one lock hold by ``table.batch``)."""
+    """Add ``records`` (run under one lock hold by ``table.batch``); returns the count of adds in
+    a row that failed for lack of room."""
+    add = table.add
+    top = PRIORITY_CLASSES - 1
     for record in records:
-        failed = _add_one(table, record, result, failed)
+        if record is None:  # the file changed between the verification and now
+            result.unreadable += 1
+            continue
+        key, value, expires_at, priority, _flags = record
+        # A class this table does not have (a snapshot of a table with more): its highest.
+        try:
+            added = add(key, value, expires_at, min(priority, top), evict=False)
+        except TableFull:
+            result.did_not_fit += 1
+            failed += 1
+            continue
+        except ValueTooLarge:
+            result.too_large += 1
+            continue
+        except ValueError:  # a key this table refuses (the format allows longer keys)
+            result.unreadable += 1
+            continue
+        failed = 0
+        if added:
+            result.restored += 1
+        else:
+            result.kept_newer += 1
     return failed
-
-
-def _add_one(
-    table: SessionTable, record: SnapshotRecord | None, result: RestoreResult, failed: int
-) -> int:
-    """Add one record; returns the new count of adds in a row that failed for lack of room."""
-    if record is None:  # the file changed between the verification and now
-        result.unreadable += 1
-        return failed
-    try:
-        added = table.add(record.key, record.value, record.expires_at, record.priority, evict=False)
-    except TableFull:
-        result.did_not_fit += 1
-        return failed + 1
-    except ValueTooLarge:
-        result.too_large += 1
-        return failed
-    except ValueError:  # a key this table refuses (the format allows longer keys)
-        result.unreadable += 1
-        return failed
-    if added:
-        result.restored += 1
-    else:
-        result.kept_newer += 1
-    return 0
 
 
 def _no_entry_left(table: SessionTable, failed_in_a_row: int) -> bool:

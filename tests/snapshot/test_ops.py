@@ -443,3 +443,13 @@ def test_dump_killed_at_random_instants_leaves_the_previous_snapshot_intact(
     snapshot_ops.dump(table, path)
     assert [n for n in os.listdir(tmp_path) if ".tmp-" in n] == []
     assert snapshot_keys(path) == everything
+
+
+def test_a_priority_this_table_lacks_becomes_its_highest(
+    make_table: TableFactory, clock: FakeClock, tmp_path: Path
+) -> None:
+    path = tmp_path / "prio.snap"
+    write_snapshot(path, [SnapshotRecord("p" * 32, b"v", clock() + 100, priority=200)])
+    target = make_table()
+    assert snapshot_ops.restore(target, str(path), clock=clock).restored == 1
+    assert contents(target)["p" * 32][2] == 3
