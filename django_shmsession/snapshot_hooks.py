@@ -137,6 +137,8 @@ class PeriodicDumps:
         self.pid: int | None = None  # the last child (for logs and tests; gunicorn reaps it)
         self.results: int | None = None  # read end of the running child's pipe
         self.last_duration = 0.0
+        self.spawned_at = 0.0
+        self.warned = False
 
     def start(self) -> None:
         signal.signal(signal.SIGALRM, self._on_alarm)
@@ -153,10 +155,25 @@ class PeriodicDumps:
         if os.getpid() != self.master:  # a process forked from the master: not its timer
             return
         if self._running():
+            self._warn_if_stuck()
             self._arm(RETRY)
             return
         self._spawn()
         self._arm(self._next_delay())
+
+    def _warn_if_stuck(self) -> None:
+        """Once per child: say so when a dump runs for 3 intervals (a hung disk, a lock held
+        by a stopped process): the snapshot on disk is getting old meanwhile. Logging from the
+        handler is safe here: logging's locks are reentrant, and this is the main thread."""
+        if self.warned or time.monotonic() - self.spawned_at < 3 * self.interval:
+            return
+        self.warned = True
+        self.server.log.warning(
+            "django-shmsession: the periodic dump (pid %s) has run for %.0f s; no newer "
+            "snapshot is written until it ends",
+            self.pid,
+            time.monotonic() - self.spawned_at,
+        )
 
     def _running(self) -> bool:
         """Whether the last child still runs; collects its duration when it has finished."""
@@ -187,6 +204,8 @@ class PeriodicDumps:
             _dump_child(self.server, self.config, write_end)
         os.close(write_end)
         self.pid = pid
+        self.spawned_at = time.monotonic()
+        self.warned = False
         self.results = read_end
         try:
             self.pidfd = os.pidfd_open(pid)

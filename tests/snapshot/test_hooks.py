@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 import time
 from pathlib import Path
 from types import SimpleNamespace
@@ -203,3 +204,24 @@ def test_interval_zero_arms_no_timer(settings: Any, shm_name: str, tmp_path: Pat
     snapshot_hooks.start_periodic(fake_server(), conf.get_config())
     assert snapshot_hooks._periodic is None
     assert signal.getitimer(signal.ITIMER_REAL) == (0.0, 0.0)
+
+
+def test_a_dump_running_for_three_intervals_is_reported_once(snap: Path) -> None:
+    server = fake_server()
+    periodic = snapshot_hooks.PeriodicDumps(server, conf.get_config())
+    hung = subprocess.Popen(["sleep", "30"])
+    try:
+        periodic.pid = hung.pid
+        periodic.pidfd = os.pidfd_open(hung.pid)
+        periodic.spawned_at = time.monotonic() - 3.5 * periodic.interval
+        periodic._on_alarm(signal.SIGALRM, None)
+        periodic._on_alarm(signal.SIGALRM, None)
+        warnings = messages(server, "warning")
+        assert len(warnings) == 1
+        assert f"the periodic dump (pid {hung.pid}) has run for" in warnings[0]
+        assert 0 < signal.getitimer(signal.ITIMER_REAL)[0] <= snapshot_hooks.RETRY
+        assert periodic.pid == hung.pid  # no second dump while the first runs
+    finally:
+        periodic.stop(5)  # sends SIGTERM to the "dump" and waits for it
+        hung.wait(timeout=10)
+    assert hung.returncode == -signal.SIGTERM
