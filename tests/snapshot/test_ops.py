@@ -31,7 +31,7 @@ def fill(
     made: dict[str, tuple[bytes, float, int]] = {}
     for i in range(n):
         key = f"{seed:04d}{i:028d}"
-        made[key] = (rng.randbytes(sizes[i % len(sizes)]), now + 10 + rng.randrange(10**6), i % 4)
+        made[key] = (rng.randbytes(sizes[i % len(sizes)]), now + 3600 + rng.randrange(10**6), i % 4)
     items = list(made.items())
     for start in range(0, n, 256):
         table.batch(add_all, table, items[start : start + 256])
