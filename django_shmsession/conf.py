@@ -205,8 +205,8 @@ def _parse_snapshot(value: object) -> SnapshotConfig | None:
             f"{', '.join(SNAPSHOT_KEYS)}."
         )
     path = value.get("PATH")
-    if isinstance(path, Path):
-        path = str(path)
+    if isinstance(path, os.PathLike):
+        path = os.fspath(path)
     if not isinstance(path, str) or not os.path.isabs(path) or path.endswith("/"):
         raise ImproperlyConfigured(
             f"{SETTING}['SNAPSHOT']['PATH'] = {path!r} is not the absolute path of a file. "
