@@ -180,3 +180,32 @@ def test_dump_to_stdout_and_restore_from_stdin(shm_name: str) -> None:
     assert restore.returncode == 0, restore.stderr
     assert b"Restored 12 of 12 session(s) from -" in restore.stdout
     assert logged_in(made)
+
+
+def test_prometheus_gets_the_last_dump_once_there_is_one(
+    settings: Any, shm_name: str, tmp_path: Path
+) -> None:
+    path = str(tmp_path / "s.snap")
+    settings.SHMSESSION = {**settings.SHMSESSION, "SNAPSHOT": {"PATH": path, "INTERVAL": 0}}
+    make_sessions(2)
+    before = run("shmsession", "stats", "--format", "prometheus")
+    assert "last_dump" not in before  # never ran: no sample (never a "None")
+    run("shmsession", "dump")
+    after = run("shmsession", "stats", "--format", "prometheus")
+    assert f'django_shmsession_last_dump_sessions{{table="{shm_name}"}} 2' in after
+    assert "django_shmsession_last_dump_at{" in after
+    assert "snapshot_path" not in after
+    assert "None" not in after
+
+
+def test_dump_and_restore_take_name(shm_name: str, tmp_path: Path) -> None:
+    made = make_sessions(3)
+    path = str(tmp_path / "s.snap")
+    run("shmsession", "dump", path, "--name", shm_name)
+    other = f"{shm_name}-copy"
+    try:
+        assert "Restored 3 of 3" in run("shmsession", "restore", path, "--name", other)
+        with SessionTable(other) as copy:
+            assert {item.key for item in copy.scan()[0]} == set(made)
+    finally:
+        SessionTable.unlink_name(other)
