@@ -200,8 +200,13 @@ class PeriodicDumps:
         read_end, write_end = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
         pid = os.fork()
         if pid == 0:  # pragma: no cover - the child ends in os._exit (coverage saves it)
-            os.close(read_end)
-            _dump_child(self.server, self.config, write_end)
+            # Nothing may ever return from here: the child's stack is the master's (we are in
+            # its signal handler), and an exception escaping would make it a second master.
+            try:
+                os.close(read_end)
+                _dump_child(self.server, self.config, write_end)
+            finally:
+                os._exit(1)
         os.close(write_end)
         self.pid = pid
         self.spawned_at = time.monotonic()
@@ -213,7 +218,8 @@ class PeriodicDumps:
             self._forget_child()
 
     def stop(self, timeout: float) -> None:
-        """Disarm; ask a running child to stop (it removes its temporary file) and wait."""
+        """Disarm; ask a running child to stop and wait (its temporary file goes at the next
+        dump, which on_exit makes at once)."""
         signal.setitimer(signal.ITIMER_REAL, 0)
         signal.signal(signal.SIGALRM, signal.SIG_DFL)
         if self.pidfd is None:
@@ -226,7 +232,13 @@ class PeriodicDumps:
 
 
 def _dump_child(server: Any, config: conf.ShmSessionConfig, results: int) -> None:
-    """The forked dumper: no gunicorn signal handling, no listening sockets; dump and exit."""
+    """The forked dumper: no gunicorn signal handling, no listening sockets; dump and exit.
+
+    Ends in ``os._exit`` whatever happens. A stop signal exits at once (``_exit_on_signal``)
+    instead of raising: an exception raised at the wrong instant (inside the ``finally``) could
+    otherwise escape into the master's code. A killed dump's temporary file is removed by the
+    next dump.
+    """
     code = 1
     try:
         _become_plain_process(server)
@@ -248,8 +260,6 @@ def _dump_child(server: Any, config: conf.ShmSessionConfig, results: int) -> Non
                 result.summary(),
             )
         code = 0
-    except SystemExit:  # stopped by on_exit (SIGTERM): the temporary file is already gone
-        code = 1
     except BaseException as err:
         with contextlib.suppress(BaseException):
             server.log.error(
@@ -260,7 +270,8 @@ def _dump_child(server: Any, config: conf.ShmSessionConfig, results: int) -> Non
 
 
 def _exit_on_signal(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(128 + signum)
+    """Stop the dump child now (gunicorn's stop, on_exit, an operator's kill)."""
+    os._exit(128 + signum)
 
 
 def _become_plain_process(server: Any) -> None:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import random
 import signal
 import subprocess
 import time
@@ -225,3 +227,30 @@ def test_a_dump_running_for_three_intervals_is_reported_once(snap: Path) -> None
         periodic.stop(5)  # sends SIGTERM to the "dump" and waits for it
         hung.wait(timeout=10)
     assert hung.returncode == -signal.SIGTERM
+
+
+@pytest.mark.multiprocess
+def test_a_stopped_dump_child_never_returns_into_the_master(snap: Path) -> None:
+    """SIGTERM at random instants of the child's life, even while it exits: it always ends
+    in os._exit, never by an exception climbing the (master's) stack it was forked from."""
+    make_sessions(50)
+    rng = random.Random(5)
+    periodic = snapshot_hooks.PeriodicDumps(fake_server(), conf.get_config())
+    parent = os.getpid()
+    for _ in range(20):
+        try:
+            periodic._spawn()
+        finally:
+            if os.getpid() != parent:  # the child escaped: what the test must never see
+                os._exit(99)
+        pid = periodic.pid
+        assert pid is not None
+        time.sleep(rng.uniform(0, 0.05))
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        _, status = os.waitpid(pid, 0)
+        if os.WIFSIGNALED(status):  # killed before it set its own handler
+            assert os.WTERMSIG(status) == signal.SIGTERM
+        else:
+            assert os.WEXITSTATUS(status) in (0, 128 + signal.SIGTERM), status
+        periodic._forget_child()
