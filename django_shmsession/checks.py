@@ -196,7 +196,7 @@ def _check_free_space(config: conf.ShmSessionConfig) -> list[CheckMessage]:
 def check_engine(app_configs: Sequence[AppConfig] | None, **kwargs: Any) -> list[CheckMessage]:
     """E007/W001: SESSION_ENGINE and SHMSESSION agree."""
     engine = getattr(settings, "SESSION_ENGINE", "")
-    if engine == conf.ENGINE:
+    if engine in (conf.ENGINE, conf.TIERED_ENGINE):
         return []
     if str(engine).startswith("django_shmsession"):
         return [

@@ -41,6 +41,8 @@ from django.utils.crypto import salted_hmac
 
 SETTING = "SHMSESSION"
 ENGINE = "django_shmsession.backend"
+#: The two-level engine (the table as a host-wide L1 in front of Redis or the database).
+TIERED_ENGINE = "django_shmsession.tiered"
 
 #: 48 MiB: the segment (whose SIZE includes the header, the lock's process registry and the
 #: intent area, ``layout.FIXED_SIZE``), its semaphore (one 4 KiB page) and the temporary semaphore
@@ -56,6 +58,8 @@ KNOWN_KEYS = ("NAME", "SIZE", "MAX_SESSION_SIZE", "FULL_POLICY", "LOCK_TIMEOUT",
 SNAPSHOT_KEYS = ("PATH", "INTERVAL")
 DEFAULT_SNAPSHOT_INTERVAL = 60.0
 MAX_SNAPSHOT_INTERVAL = 86400.0
+#: Keys of the tiered engine (``django_shmsession.tiered``), validated by its own config module.
+TIERED_KEYS = ("L2", "MAX_STALENESS")
 
 # POSIX names: one leading slash, then a portable file name. 200 leaves room for the ".lock"
 # suffix and the "sem." prefix Linux adds under /dev/shm (NAME_MAX is 255).
@@ -134,11 +138,11 @@ def load_config(raw: object) -> ShmSessionConfig:
 
 def _check_unknown_keys(raw: Mapping[Any, Any]) -> None:
     """A typo such as "MAX_SIZE" must not be ignored silently: the user believes it applies."""
-    unknown = sorted(str(k) for k in raw if k not in KNOWN_KEYS)
+    unknown = sorted(str(k) for k in raw if k not in KNOWN_KEYS + TIERED_KEYS)
     if unknown:
         raise ImproperlyConfigured(
             f"Unknown {SETTING} key(s): {', '.join(unknown)}. "
-            f"Valid keys are {', '.join(KNOWN_KEYS)}."
+            f"Valid keys are {', '.join(KNOWN_KEYS + TIERED_KEYS)}."
         )
 
 

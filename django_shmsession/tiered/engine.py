@@ -1,0 +1,399 @@
+"""The tiered session engine: the host's shared-memory table (L1) in front of Redis or the
+database (L2), which is the truth for every host.
+
+Writes go to L2 first and conditionally (:mod:`.l2`), then to L1; a save that did not reach L2
+raises, so no success ever rests on L1 alone. Reads are served from L1 while its copy is younger
+than ``MAX_STALENESS`` since L2 last confirmed it *and* the host's listener is up (it drops copies
+that other hosts changed); an older copy is revalidated by comparing versions, a miss reads L2
+and fills L1. While the listener is down every copy counts as stale (each read asks L2 for the
+version), so a change on another host is never honoured later than ``MAX_STALENESS``. While L2
+is down, a copy confirmed within ``MAX_STALENESS`` is still served; anything else raises
+:class:`~.l2.L2Unavailable`, naming the backend and location.
+
+Filling L1 races with the listener (a copy read from L2 just before another host's write, stored
+just after the listener dropped the old one): the listener bumps the key's guard stripe before
+dropping, and a worker that sees its stripe move while it filled drops the copy it stored
+(:mod:`.words`).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from typing import Any
+
+from django.contrib.sessions.backends.base import CreateError, UpdateError
+from django.core.signing import JSONSerializer
+
+from django_shmsession import backend, keys, serializers
+from django_shmsession.exceptions import TableFull, ValueTooLarge
+from django_shmsession.store import get_table
+from django_shmsession.table import SessionTable
+
+from . import codec, counters, words
+from .config import get_tiered_config
+from .l2 import L2Record, L2Unavailable
+from .runtime import get_l2
+
+logger = logging.getLogger("django_shmsession")
+
+
+class SessionStore(backend.SessionStore):
+    """Sessions in L2 for every host, with the host's shared-memory table as a shared L1."""
+
+    # -- reads ----------------------------------------------------------------------------------
+
+    def load(self) -> dict[str, Any]:
+        """The session, or ``{}`` (and no key) when it is missing, expired or undecodable.
+
+        :raises L2Unavailable: L2 is down and L1 holds no copy confirmed within MAX_STALENESS.
+        """
+        key = self.session_key
+        data = None if key is None else self._load(key)
+        if data is None:
+            self._session_key = None
+            return {}
+        return data
+
+    def _load(self, key: str) -> dict[str, Any] | None:
+        table = get_table()
+        now = time.time()
+        copy = _l1_copy(table, key)
+        if copy is None:
+            counters.count(counters.MISSES)
+            return self._fill(table, key, now)
+        if _trusted(table, copy, now):
+            counters.count(counters.HITS)
+            return self._decode(copy.payload)
+        counters.count(counters.REVALIDATIONS)
+        try:
+            version = get_l2().version(key)
+        except L2Unavailable as err:
+            return self._served_during_outage(copy, now, err)
+        return self._after_revalidation(table, key, copy, version, now)
+
+    def _after_revalidation(
+        self, table: SessionTable, key: str, copy: codec.L1Copy, version: int | None, now: float
+    ) -> dict[str, Any] | None:
+        if version is None:
+            table.delete(key)
+            return None
+        if version != copy.version:
+            counters.count(counters.REFETCHES)
+            return self._fill(table, key, now)
+        # ``replace`` cannot resurrect a copy the listener dropped meanwhile (it is then a miss
+        # next time); one it drops afterwards is gone anyway.
+        refreshed = codec.encode(version, now, copy.expires_at, copy.payload)
+        _write_l1(table, table.replace, key, refreshed, copy.expires_at)
+        return self._decode(copy.payload)
+
+    def _served_during_outage(
+        self, copy: codec.L1Copy, now: float, err: L2Unavailable
+    ) -> dict[str, Any] | None:
+        """L2 is down: a copy L2 confirmed within MAX_STALENESS may still be served."""
+        counters.count(counters.L2_ERRORS)
+        if now - copy.confirmed_at < get_tiered_config().max_staleness:
+            counters.count(counters.SERVED_DURING_OUTAGE)
+            return self._decode(copy.payload)
+        raise err
+
+    def _fill(self, table: SessionTable, key: str, now: float) -> dict[str, Any] | None:
+        before = words.guard(table, key)
+        try:
+            record = get_l2().fetch(key)
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        return self._filled(table, key, record, now, before)
+
+    def _filled(
+        self,
+        table: SessionTable,
+        key: str,
+        record: L2Record | None,
+        now: float,
+        before: int,
+        recheck: bool = True,
+    ) -> dict[str, Any] | None:
+        if record is None:
+            table.delete(key)
+            return None
+        data = self._decode(record.payload)
+        if data is not None:
+            value = codec.encode(record.version, now, record.expires_at, record.payload)
+            self._store_copy(table, key, value, record.expires_at, before, recheck)
+        return data
+
+    def _decode(self, payload: bytes) -> dict[str, Any] | None:
+        serializer = self.serializer
+        try:
+            data = (
+                serializers.loads(payload)
+                if serializer is JSONSerializer
+                else serializer().loads(payload)
+            )
+        except Exception:  # any undecodable payload is an absent session, as in Django
+            return None
+        return data if isinstance(data, dict) else None
+
+    def exists(self, session_key: str | None) -> bool:
+        """True if L2 holds a live session under the key (a trusted L1 copy answers alone).
+
+        :raises L2Unavailable: L2 cannot be reached and L1 holds no trusted copy.
+        """
+        if not keys.is_valid_key(session_key):
+            return False
+        table = get_table()
+        copy = _l1_copy(table, session_key)
+        if copy is not None and _trusted(table, copy, time.time()):
+            return True
+        return get_l2().version(session_key) is not None
+
+    # -- writes ---------------------------------------------------------------------------------
+
+    def save(self, must_create: bool = False) -> None:
+        """Create (``must_create``: CreateError if L2 has the key) or update (UpdateError if L2
+        lost it: never resurrected) in L2, then store the copy in L1.
+
+        :raises L2Unavailable: L2 cannot be reached; nothing was saved anywhere.
+        :raises ValueTooLarge: the session exceeds MAX_SESSION_SIZE (checked before L2).
+        """
+        if self.session_key is None:
+            return self.create()
+        payload, expires_at, key = self._prepare(must_create)
+        table = get_table()
+        before = words.guard(table, key)
+        now = time.time()
+        l2 = get_l2()
+        try:
+            version = (
+                l2.create(key, payload, expires_at)
+                if must_create
+                else l2.update(key, payload, expires_at)
+            )
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        self._saved(table, key, version, must_create, payload, expires_at, now, before)
+
+    def _prepare(self, must_create: bool) -> tuple[bytes, float, str]:
+        data = self._get_session(no_load=must_create)
+        serializer = self.serializer
+        payload = (
+            serializers.dumps(data) if serializer is JSONSerializer else serializer().dumps(data)
+        )
+        expires_at = time.time() + self._expiry_age(data)
+        key = self.session_key
+        if key is None:  # loading found it gone: an update must not resurrect it
+            raise UpdateError
+        limit = get_table().max_value_size - codec.HEADER_SIZE
+        if len(payload) > limit:
+            raise backend._too_large(ValueTooLarge(len(payload), limit))
+        return payload, expires_at, key
+
+    def _saved(
+        self,
+        table: SessionTable,
+        key: str,
+        version: int | None,
+        must_create: bool,
+        payload: bytes,
+        expires_at: float,
+        now: float,
+        before: int,
+        recheck: bool = True,
+    ) -> None:
+        if version is None:
+            if must_create:
+                raise CreateError
+            table.delete(key)  # gone in L2: so must any copy here be
+            raise UpdateError
+        counters.count(counters.L2_WRITES)
+        value = codec.encode(version, now, expires_at, payload)
+        self._store_copy(table, key, value, expires_at, before, recheck)
+
+    def _store_copy(
+        self,
+        table: SessionTable,
+        key: str,
+        value: bytes,
+        expires_at: float,
+        before: int,
+        recheck: bool = True,
+    ) -> None:
+        """Store an L1 copy; if the listener invalidated its stripe meanwhile, keep it only if
+        L2 still has that version (the invalidation was this very write, or another key's)."""
+        if not _write_l1(table, table.set, key, value, expires_at):
+            return
+        if words.guard(table, key) == before:
+            return
+        version = codec.version_of(value)
+        try:
+            current = get_l2().version(key) if recheck else None
+        except L2Unavailable:
+            current = None
+        if current is None or current != version:
+            counters.count(counters.GUARD_DROPS)
+            table.delete(key)
+
+    def delete(self, session_key: str | None = None) -> None:
+        """Delete in L2 first (every host's listener then drops its copy), then in L1.
+
+        :raises L2Unavailable: L2 cannot be reached; the session was NOT deleted.
+        """
+        if session_key is None:
+            if self.session_key is None:
+                return
+            session_key = self.session_key
+        if not keys.is_valid_key(session_key):
+            return
+        try:
+            get_l2().delete(session_key)
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        get_table().delete(session_key)
+
+    @classmethod
+    def clear_expired(cls) -> None:
+        """Remove expired sessions from L2 (the db; Redis expires them itself) and from L1.
+
+        :raises L2Unavailable: L2 cannot be reached.
+        """
+        get_l2().clear_expired()
+        get_table().clear_expired()
+
+    # -- async (Django 5.1+): L1 work runs inline (microseconds), L2 calls are awaited ----------
+
+    async def aload(self) -> dict[str, Any]:
+        key = self.session_key
+        data = None if key is None else await self._aload(key)
+        if data is None:
+            self._session_key = None
+            return {}
+        return data
+
+    async def _aload(self, key: str) -> dict[str, Any] | None:
+        table = get_table()
+        now = time.time()
+        copy = _l1_copy(table, key)
+        l2 = get_l2()
+        if copy is None:
+            counters.count(counters.MISSES)
+        elif _trusted(table, copy, now):
+            counters.count(counters.HITS)
+            return self._decode(copy.payload)
+        else:
+            counters.count(counters.REVALIDATIONS)
+            try:
+                version = await l2.aversion(key)
+            except L2Unavailable as err:
+                return self._served_during_outage(copy, now, err)
+            if version is None or version == copy.version:
+                return self._after_revalidation(table, key, copy, version, now)
+            counters.count(counters.REFETCHES)
+        before = words.guard(table, key)
+        try:
+            record = await l2.afetch(key)
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        # No second L2 call on the loop: a copy whose stripe moved is simply dropped.
+        return self._filled(table, key, record, now, before, recheck=False)
+
+    async def aexists(self, session_key: str | None) -> bool:
+        if not keys.is_valid_key(session_key):
+            return False
+        table = get_table()
+        copy = _l1_copy(table, session_key)
+        if copy is not None and _trusted(table, copy, time.time()):
+            return True
+        return await get_l2().aversion(session_key) is not None
+
+    async def acreate(self) -> None:
+        while True:
+            self._session_key = self._get_new_session_key()
+            try:
+                await self.asave(must_create=True)
+            except CreateError:
+                continue
+            self.modified = True
+            return
+
+    async def asave(self, must_create: bool = False) -> None:
+        if self.session_key is None:
+            return await self.acreate()
+        if not must_create and "_session_cache" not in self.__dict__:
+            self._session_cache = await self.aload()  # load off the loop, not in _prepare
+        payload, expires_at, key = self._prepare(must_create)
+        table = get_table()
+        before = words.guard(table, key)
+        now = time.time()
+        l2 = get_l2()
+        try:
+            version = await (
+                l2.acreate(key, payload, expires_at)
+                if must_create
+                else l2.aupdate(key, payload, expires_at)
+            )
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        self._saved(
+            table, key, version, must_create, payload, expires_at, now, before, recheck=False
+        )
+
+    async def adelete(self, session_key: str | None = None) -> None:
+        if session_key is None:
+            if self.session_key is None:
+                return
+            session_key = self.session_key
+        if not keys.is_valid_key(session_key):
+            return
+        try:
+            await get_l2().adelete(session_key)
+        except L2Unavailable:
+            counters.count(counters.L2_ERRORS)
+            raise
+        get_table().delete(session_key)
+
+    @classmethod
+    async def aclear_expired(cls) -> None:
+        from asgiref.sync import sync_to_async
+
+        await sync_to_async(cls.clear_expired, thread_sensitive=False)()
+
+
+def _write_l1(
+    table: SessionTable,
+    write: Callable[[str, bytes, float], bool | None],
+    key: str,
+    value: bytes,
+    expires_at: float,
+) -> bool:
+    """Store a copy with ``table.set`` or ``table.replace``; False if nothing was stored.
+
+    L1 is a cache: a full table (FULL_POLICY 'raise') loses the copy, never the session.
+    """
+    try:
+        return write(key, value, expires_at) is not False
+    except TableFull:
+        logger.warning(
+            "django-shmsession: the L1 table %s is full; a session is served from L2 only",
+            table.name,
+        )
+        table.delete(key)
+        return False
+
+
+def _l1_copy(table: SessionTable, key: str) -> codec.L1Copy | None:
+    value = table.get(key)
+    return None if value is None else codec.decode(value)
+
+
+def _trusted(table: SessionTable, copy: codec.L1Copy, now: float) -> bool:
+    """Served without asking L2: confirmed within MAX_STALENESS, and the listener is up."""
+    return now - copy.confirmed_at < get_tiered_config().max_staleness and words.listener_up(
+        table, now
+    )

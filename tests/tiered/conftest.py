@@ -1,0 +1,137 @@
+"""Fixtures for the tiered engine: real Redis and PostgreSQL servers for the whole run, a fresh
+table and a fresh key space per test, and the host listener in a thread when a test wants it."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+from uuid import uuid4
+
+import pytest
+
+from django_shmsession import store
+from django_shmsession.table import SessionTable
+from django_shmsession.tiered import config as tiered_config
+from django_shmsession.tiered import runtime, words
+from django_shmsession.tiered.listener import Listener, lock_path
+
+from .l2servers import PostgresServer, RedisServer
+
+TEST_SIZE = "1M"
+PG_ALIAS = "l2pg"
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer().start()
+    yield server
+    server.cleanup()
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PostgresServer]:
+    server = PostgresServer().start()
+    yield server
+    server.cleanup()
+
+
+def unique_name() -> str:
+    return f"/shmtest-{uuid4().hex[:12]}"
+
+
+@pytest.fixture
+def shm_name() -> Iterator[str]:
+    name = unique_name()
+    yield name
+    store.reset()
+    runtime.reset()
+    SessionTable.unlink_name(name)
+    lock_path(name).unlink(missing_ok=True)
+
+
+@pytest.fixture
+def redis_tiered(settings: Any, shm_name: str, redis_server: RedisServer) -> Iterator[str]:
+    """SESSION_ENGINE = tiered on the test Redis, with a key prefix of this test's own."""
+    prefix = f"t{uuid4().hex[:10]}:"
+    settings.SESSION_ENGINE = tiered_config.ENGINE
+    settings.SHMSESSION = {
+        "NAME": shm_name,
+        "SIZE": TEST_SIZE,
+        "L2": {"BACKEND": "redis", "LOCATION": redis_server.url, "KEY_PREFIX": prefix},
+    }
+    yield prefix
+    runtime.reset()
+
+
+@pytest.fixture
+def pg_database(
+    settings: Any, postgres_server: PostgresServer, django_db_blocker: Any
+) -> Iterator[str]:
+    """A DATABASES alias on the test PostgreSQL with Django's session table migrated.
+
+    The alias is added to the running process's connection handler (pytest-django set up the
+    suite's databases before this server existed); the sessions table is emptied per test.
+    """
+    from django.core.management import call_command
+    from django.db import connections
+
+    entry = connections.configure_settings({PG_ALIAS: postgres_server.settings})[PG_ALIAS]
+    settings.DATABASES = {**settings.DATABASES, PG_ALIAS: entry}
+    connections.settings[PG_ALIAS] = entry
+    with django_db_blocker.unblock():
+        call_command("migrate", "sessions", database=PG_ALIAS, verbosity=0)
+        with connections[PG_ALIAS].cursor() as cursor:
+            cursor.execute("DELETE FROM django_session")
+        yield PG_ALIAS
+        connections[PG_ALIAS].close()
+    del connections[PG_ALIAS]
+    connections.settings.pop(PG_ALIAS, None)
+
+
+@pytest.fixture
+def db_tiered(settings: Any, shm_name: str, pg_database: str) -> Iterator[str]:
+    channel = f"t{uuid4().hex[:10]}"
+    settings.SESSION_ENGINE = tiered_config.ENGINE
+    settings.SHMSESSION = {
+        "NAME": shm_name,
+        "SIZE": TEST_SIZE,
+        "L2": {"BACKEND": "db", "DATABASE": pg_database, "CHANNEL": channel},
+    }
+    yield channel
+    runtime.reset()
+
+
+class ListenerThread:
+    """The host listener running in a thread of the test process (its own L2 connection)."""
+
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+        self.listener = Listener(self.stop)
+        self.thread = threading.Thread(target=self.listener.run, daemon=True)
+
+    def start(self) -> ListenerThread:
+        self.thread.start()
+        wait_for(lambda: words.listener_up(store.get_table()), "the listener to come up")
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join(10)
+        assert not self.thread.is_alive(), "the listener thread did not stop"
+
+
+@pytest.fixture
+def listener() -> Iterator[ListenerThread]:
+    thread = ListenerThread().start()
+    yield thread
+    thread.close()
+
+
+def wait_for(predicate: Any, what: str, timeout: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+        time.sleep(0.01)
