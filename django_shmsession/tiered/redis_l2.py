@@ -23,6 +23,7 @@ import asyncio
 import logging
 import time
 import weakref
+from collections.abc import AsyncGenerator
 from typing import Any
 
 import redis
@@ -139,11 +140,12 @@ class RedisL2(L2):
 
     # -- asyncio: redis-py's asyncio client, one per event loop (its connections belong to one) --
 
-    def _aclient(self) -> _AsyncRedis:
+    async def _aclient(self) -> _AsyncRedis:
         loop = asyncio.get_running_loop()
         client = self._async.get(loop)
         if client is None:
             client = self._async[loop] = _AsyncRedis(self)
+            await client.bind_to_loop()
         return client
 
     async def _acall(self, action: str, coro: Any) -> Any:
@@ -155,17 +157,17 @@ class RedisL2(L2):
             raise L2Error(f"{self.describe()} refused to {action}: {err}") from err
 
     async def afetch(self, key: str) -> L2Record | None:
-        client = self._aclient().client
+        client = (await self._aclient()).client
         found = await self._acall("read a session", client.hmget(self.prefix + key, "v", "d", "e"))
         return _record(found)
 
     async def aversion(self, key: str) -> int | None:
-        client = self._aclient().client
+        client = (await self._aclient()).client
         found = await self._acall("check a session's version", client.hget(self.prefix + key, "v"))
         return None if found is None else int(found)
 
     async def acreate(self, key: str, payload: bytes, expires_at: float) -> int | None:
-        script = self._aclient().create
+        script = (await self._aclient()).create
         keys = [self.prefix + key, self.counter]
         version = await self._acall(
             "create a session", script(keys=keys, args=[payload, _ms(expires_at)])
@@ -173,14 +175,14 @@ class RedisL2(L2):
         return int(version) or None
 
     async def aupdate(self, key: str, payload: bytes, expires_at: float) -> int | None:
-        script = self._aclient().update
+        script = (await self._aclient()).update
         keys = [self.prefix + key, self.counter]
         args: list[bytes | str | int] = [payload, _ms(expires_at), self.channel, key]
         version = await self._acall("save a session", script(keys=keys, args=args))
         return int(version) or None
 
     async def adelete(self, key: str) -> bool:
-        script = self._aclient().delete
+        script = (await self._aclient()).delete
         removed = await self._acall(
             "delete a session", script(keys=[self.prefix + key], args=[self.channel, key])
         )
@@ -195,6 +197,20 @@ class _AsyncRedis:
         self.create = self.client.register_script(CREATE)
         self.update = self.client.register_script(UPDATE)
         self.delete = self.client.register_script(DELETE)
+        self._lifetime: AsyncGenerator[None, None] | None = None
+
+    async def bind_to_loop(self) -> None:
+        """Close the client when its loop shuts down: ``asyncio.run`` (and uvicorn) finalize
+        every live async generator before closing the loop, so this one's ``finally`` runs
+        while the loop can still close the sockets."""
+        self._lifetime = self._live()
+        await self._lifetime.__anext__()
+
+    async def _live(self) -> AsyncGenerator[None, None]:
+        try:
+            yield
+        finally:
+            await self.client.aclose()
 
 
 def _ms(expires_at: float) -> int:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import glob
 import os
 import shutil
-import signal
 import socket
 import subprocess
 import tempfile
@@ -145,7 +144,9 @@ class PostgresServer:
         log = self.dir / "postgres.log"
         args = [*self._as_user, _pg_bin("postgres"), "-D", str(self.data), "-p", str(self.port)]
         args += ["-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={self.dir}"]
-        args += ["-c", "fsync=off", "-c", "synchronous_commit=off", "-c", "max_connections=200"]
+        # fsync off (no OS crash in a test), synchronous_commit on: an immediate stop must not
+        # lose acknowledged commits (the restart tests check that nothing is lost).
+        args += ["-c", "fsync=off", "-c", "max_connections=200"]
         with log.open("ab") as out:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
         _wait_port(self.port, self.proc, log, "postgres")
@@ -175,8 +176,25 @@ class PostgresServer:
 
     def stop(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
-            # SIGQUIT: immediate shutdown, as a crash would be (clients see their sockets drop).
-            self.proc.send_signal(signal.SIGQUIT)
+            # Immediate shutdown, as a crash would be (clients see their sockets drop). Through
+            # pg_ctl: under root self.proc is runuser, which does not pass signals on.
+            subprocess.run(
+                [
+                    *self._as_user,
+                    _pg_bin("pg_ctl"),
+                    "stop",
+                    "-D",
+                    str(self.data),
+                    "-m",
+                    "immediate",
+                    "-w",
+                    "-t",
+                    "20",
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
             try:
                 self.proc.wait(20)
             except subprocess.TimeoutExpired:

@@ -1,0 +1,336 @@
+"""L2 on the Django database: Django's own ``Session`` model (``django.contrib.sessions``).
+
+A row holds ``session_data = "<version>:<payload>"`` (the serializer's bytes as text; a payload
+that is not plain ASCII text is stored as ``"<version>b<base64>"``) and Django's
+``expire_date``. Versions are random 63-bit numbers, so no two writes of one key share one.
+
+- create: an ORM insert that fails on the primary key (two hosts can never both create a key);
+- update: an ``UPDATE`` that must hit a live row (never resurrects a deleted session);
+- delete: a ``DELETE``.
+
+On PostgreSQL, update and delete are one statement each that also sends the invalidation with
+``pg_notify`` (``WITH u AS (UPDATE ... RETURNING 1) SELECT pg_notify(...) FROM u``): it is
+delivered at commit, only if the row changed, and never on rollback. The listener ``LISTEN``s
+on CHANNEL with psycopg 3. Other databases work without invalidations (no listener can run, so
+every read older than MAX_STALENESS is revalidated); ``manage.py check`` says so.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import datetime
+import logging
+import os
+import time
+from typing import Any
+
+from asgiref.sync import sync_to_async
+from django.db import (
+    DatabaseError,
+    IntegrityError,
+    InterfaceError,
+    OperationalError,
+    connections,
+    transaction,
+)
+from django.db.models.functions import Left
+
+from .config import L2Config
+from .l2 import DELETED, L2, Invalidation, L2Error, L2Record, Subscription
+
+logger = logging.getLogger("django_shmsession")
+
+_DOWN = (OperationalError, InterfaceError)
+#: Enough characters of session_data to hold any version and its separator.
+_HEAD = 21
+
+
+def _model() -> Any:
+    from django.contrib.sessions.models import Session
+
+    return Session
+
+
+def new_version() -> int:
+    return (int.from_bytes(os.urandom(8), "big") >> 1) | 1
+
+
+def encode_data(version: int, payload: bytes) -> str:
+    if payload.isascii() and b"\x00" not in payload:
+        return f"{version}:{payload.decode('ascii')}"
+    return f"{version}b{base64.b64encode(payload).decode('ascii')}"
+
+
+def decode_data(text: str) -> tuple[int, bytes] | None:
+    """(version, payload) from a row written by us; None for one written otherwise."""
+    for i, char in enumerate(text[:_HEAD]):
+        if char.isdigit():
+            continue
+        if i == 0 or char not in ":b":
+            return None
+        body = text[i + 1 :]
+        try:
+            payload = body.encode("ascii") if char == ":" else base64.b64decode(body, validate=True)
+        except (UnicodeEncodeError, binascii.Error, ValueError):
+            return None
+        return int(text[:i]), payload
+    return None
+
+
+def _version_of(head: str) -> int | None:
+    digits = len(head) - len(head.lstrip("0123456789"))
+    return int(head[:digits]) if digits and head[digits : digits + 1] in (":", "b") else None
+
+
+def _dt(when: float) -> datetime.datetime:
+    return datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc)
+
+
+class DatabaseL2(L2):
+    """Sessions in the database of ``DATABASE`` through Django's Session model."""
+
+    def __init__(self, config: L2Config) -> None:
+        super().__init__(config)
+        self.alias = config.database
+
+    @property
+    def _postgres(self) -> bool:
+        return bool(connections[self.alias].vendor == "postgresql")
+
+    def _objects(self) -> Any:
+        return _model().objects.using(self.alias)
+
+    def _call(self, action: str, func: Any, *args: Any) -> Any:
+        try:
+            return func(*args)
+        except _DOWN as err:
+            self._drop_broken_connection()
+            raise self.unavailable(action, err) from err
+        except IntegrityError:
+            raise
+        except DatabaseError as err:
+            raise L2Error(f"{self.describe()} refused to {action}: {err}") from err
+
+    def _drop_broken_connection(self) -> None:
+        """Close a connection the failure broke (outside a transaction), so the next call
+        reconnects instead of failing on the dead socket until the request ends."""
+        connection = connections[self.alias]
+        if not connection.in_atomic_block:
+            try:
+                connection.close()
+            except DatabaseError:
+                logger.debug("django-shmsession: closing a broken connection", exc_info=True)
+
+    def fetch(self, key: str) -> L2Record | None:
+        found: L2Record | None = self._call("read a session", self._fetch, key)
+        return found
+
+    def _fetch(self, key: str) -> L2Record | None:
+        row = (
+            self._objects()
+            .filter(session_key=key, expire_date__gt=_dt(time.time()))
+            .values_list("session_data", "expire_date")
+            .first()
+        )
+        return _row_record(row)
+
+    def version(self, key: str) -> int | None:
+        found: int | None = self._call("check a session's version", self._version, key)
+        return found
+
+    def _version(self, key: str) -> int | None:
+        head = (
+            self._objects()
+            .filter(session_key=key, expire_date__gt=_dt(time.time()))
+            .annotate(head=Left("session_data", _HEAD))
+            .values_list("head", flat=True)
+            .first()
+        )
+        return None if head is None else _version_of(head)
+
+    def create(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        found: int | None = self._call("create a session", self._create, key, payload, expires_at)
+        return found
+
+    def _create(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        version = new_version()
+        try:
+            with transaction.atomic(using=self.alias):
+                self._objects().create(
+                    session_key=key,
+                    session_data=encode_data(version, payload),
+                    expire_date=_dt(expires_at),
+                )
+        except IntegrityError:
+            return None
+        return version
+
+    def update(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        found: int | None = self._call("save a session", self._update, key, payload, expires_at)
+        return found
+
+    def _update(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        version = new_version()
+        data, expire, now = encode_data(version, payload), _dt(expires_at), _dt(time.time())
+        if self._postgres:
+            table = _model()._meta.db_table
+            sql = (
+                f'WITH u AS (UPDATE "{table}" SET session_data = %s, expire_date = %s '
+                f"WHERE session_key = %s AND expire_date > %s RETURNING 1) "
+                f"SELECT pg_notify(%s, %s) FROM u"
+            )
+            params = [data, expire, key, now, self.config.channel, f"{version} {key}"]
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute(sql, params)
+                hit = cursor.fetchone() is not None
+        else:
+            hit = bool(
+                self._objects()
+                .filter(session_key=key, expire_date__gt=now)
+                .update(session_data=data, expire_date=expire)
+            )
+        return version if hit else None
+
+    def delete(self, key: str) -> bool:
+        return bool(self._call("delete a session", self._delete, key))
+
+    def _delete(self, key: str) -> bool:
+        if self._postgres:
+            table = _model()._meta.db_table
+            sql = (
+                f'WITH d AS (DELETE FROM "{table}" WHERE session_key = %s RETURNING 1) '
+                f"SELECT pg_notify(%s, %s) FROM d"
+            )
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute(sql, [key, self.config.channel, f"{DELETED} {key}"])
+                return cursor.fetchone() is not None
+        deleted, _ = self._objects().filter(session_key=key).delete()
+        return bool(deleted)
+
+    def clear_expired(self) -> int:
+        """Delete expired rows (what Django's db engine does for ``clearsessions``)."""
+
+        def sweep() -> int:
+            deleted, _ = self._objects().filter(expire_date__lt=_dt(time.time())).delete()
+            return int(deleted)
+
+        return int(self._call("clear expired sessions", sweep))
+
+    def ping(self) -> None:
+        def probe() -> None:
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute("SELECT 1")
+
+        self._call("reach the database", probe)
+
+    def subscribe(self) -> Subscription:
+        if not self._postgres:
+            raise L2Error(
+                f"{self.describe()} is {connections[self.alias].vendor}; invalidations need "
+                f"PostgreSQL's LISTEN/NOTIFY. Without a listener the tiered engine revalidates "
+                f"every copy older than MAX_STALENESS; do not run `shmsession listen`."
+            )
+        return PostgresSubscription(self)
+
+    def close(self) -> None:
+        try:
+            connections[self.alias].close()
+        except DatabaseError:
+            logger.debug("django-shmsession: closing the database connection", exc_info=True)
+
+    # -- async: Django's async ORM for reads and creates; the PostgreSQL statements through
+    # sync_to_async, as the async ORM does itself (Django has no async cursor) --
+
+    async def afetch(self, key: str) -> L2Record | None:
+        return await sync_to_async(self.fetch)(key)
+
+    async def aversion(self, key: str) -> int | None:
+        try:
+            head = await (
+                self._objects()
+                .filter(session_key=key, expire_date__gt=_dt(time.time()))
+                .annotate(head=Left("session_data", _HEAD))
+                .values_list("head", flat=True)
+                .afirst()
+            )
+        except _DOWN as err:
+            await sync_to_async(self._drop_broken_connection)()
+            raise self.unavailable("check a session's version", err) from err
+        return None if head is None else _version_of(head)
+
+    async def acreate(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        return await sync_to_async(self.create)(key, payload, expires_at)
+
+    async def aupdate(self, key: str, payload: bytes, expires_at: float) -> int | None:
+        return await sync_to_async(self.update)(key, payload, expires_at)
+
+    async def adelete(self, key: str) -> bool:
+        return await sync_to_async(self.delete)(key)
+
+
+def _row_record(row: tuple[str, datetime.datetime] | None) -> L2Record | None:
+    if row is None:
+        return None
+    decoded = decode_data(row[0])
+    if decoded is None:
+        return None
+    return L2Record(decoded[0], decoded[1], row[1].timestamp())
+
+
+def listen_params(alias: str) -> dict[str, Any]:
+    """psycopg 3 connection arguments for ``alias``, as Django would connect."""
+    params = dict(connections[alias].get_connection_params())
+    for key in ("cursor_factory", "context", "server_side_binding", "prepare_threshold"):
+        params.pop(key, None)
+    return params
+
+
+class PostgresSubscription(Subscription):
+    """The listener's own psycopg 3 connection, ``LISTEN``ing on CHANNEL (autocommit)."""
+
+    def __init__(self, l2: DatabaseL2) -> None:
+        import psycopg
+
+        self.l2 = l2
+        self._errors = (psycopg.OperationalError, psycopg.InterfaceError, OSError)
+        try:
+            self.conn = psycopg.connect(**listen_params(l2.alias), autocommit=True)
+            self.conn.execute(f"LISTEN {l2.config.channel}")
+        except self._errors as err:
+            raise l2.unavailable("listen for invalidations", err) from err
+        self.last_contact = time.time()
+
+    def poll(self, timeout: float) -> list[Invalidation]:
+        found: list[Invalidation] = []
+        try:
+            for note in self.conn.notifies(timeout=timeout, stop_after=1):
+                found.extend(_parse(note.payload))
+            if found:  # drain what else has arrived, without waiting
+                for note in self.conn.notifies(timeout=0.001):
+                    found.extend(_parse(note.payload))
+        except self._errors as err:
+            raise self.l2.unavailable("receive invalidations", err) from err
+        return found
+
+    def ping(self) -> None:
+        try:
+            self.conn.execute("SELECT 1")
+        except self._errors as err:
+            raise self.l2.unavailable("ping the LISTEN connection", err) from err
+        self.last_contact = time.time()
+
+    def close(self) -> None:
+        try:
+            self.conn.close()
+        except Exception:
+            logger.debug("django-shmsession: closing the LISTEN connection", exc_info=True)
+
+
+def _parse(payload: str) -> list[Invalidation]:
+    try:
+        version, key = payload.split(" ", 1)
+        return [Invalidation(key, int(version))]
+    except ValueError:
+        logger.warning("django-shmsession: ignored a malformed invalidation %r", payload[:100])
+        return []

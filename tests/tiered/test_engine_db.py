@@ -1,0 +1,125 @@
+"""The tiered engine with the db L2 on a real PostgreSQL: Django's Session model is the truth,
+invalidations come by LISTEN/NOTIFY."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import pytest
+from django.contrib.sessions.backends.base import CreateError, UpdateError
+from django.contrib.sessions.models import Session
+from django.db import connections
+
+from django_shmsession import store
+from django_shmsession.tiered import codec, db_l2
+from django_shmsession.tiered.engine import SessionStore
+from django_shmsession.tiered.l2 import L2Unavailable
+
+from .conftest import PG_ALIAS, ListenerThread, wait_for
+from .l2servers import PostgresServer
+
+pytestmark = pytest.mark.usefixtures("db_tiered")
+
+
+def saved(**data: Any) -> SessionStore:
+    s = SessionStore()
+    s.update(data)
+    s.save()
+    return s
+
+
+def row(key: str) -> Any:
+    return Session.objects.using(PG_ALIAS).filter(session_key=key).first()
+
+
+def test_session_row_holds_version_and_payload() -> None:
+    s = saved(a=1)
+    stored = row(s.session_key or "")
+    assert stored is not None
+    decoded = db_l2.decode_data(stored.session_data)
+    assert decoded is not None
+    copy = codec.decode(store.get_table().get(s.session_key or "") or b"")
+    assert copy is not None
+    assert (copy.version, copy.payload) == (decoded[0], b'{"a":1}')
+
+
+def test_data_codec_round_trips_binary() -> None:
+    for payload in (b'{"a":1}', b"\x00\xff binary", "é".encode()):
+        assert db_l2.decode_data(db_l2.encode_data(7, payload)) == (7, payload)
+    assert db_l2.decode_data("a Django db-engine row") is None
+
+
+def test_must_create_fails_on_the_primary_key() -> None:
+    s = saved(a=1)
+    store.get_table().clear()
+    other = SessionStore(s.session_key)
+    other["b"] = 2
+    with pytest.raises(CreateError):
+        other.save(must_create=True)
+    assert SessionStore(s.session_key).load() == {"a": 1}
+
+
+def test_update_after_delete_elsewhere_is_refused() -> None:
+    s = saved(a=1)
+    key = s.session_key or ""
+    s2 = SessionStore(key)
+    assert s2["a"] == 1
+    Session.objects.using(PG_ALIAS).filter(session_key=key).delete()
+    s2["a"] = 2
+    with pytest.raises(UpdateError):
+        s2.save()
+    assert row(key) is None
+
+
+def test_notify_invalidates_and_own_write_survives(listener: ListenerThread) -> None:
+    s = saved(a=1)
+    key = s.session_key or ""
+    s["a"] = 2
+    s.save()
+    time.sleep(0.3)  # our own NOTIFY has arrived
+    assert store.get_table().get(key) is not None
+    # Another host's update: a new version, sent by NOTIFY at its commit.
+    get = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
+    assert get.update(key, b'{"a":3}', time.time() + 60) is not None
+    wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY to drop the copy", 2)
+    assert SessionStore(key).load() == {"a": 3}
+
+
+def _channel() -> str:
+    from django.conf import settings
+
+    return str(settings.SHMSESSION["L2"]["CHANNEL"])
+
+
+def test_clear_expired_deletes_expired_rows() -> None:
+    live, dead = saved(a=1), saved(b=1)
+    Session.objects.using(PG_ALIAS).filter(session_key=dead.session_key).update(
+        expire_date=db_l2._dt(time.time() - 5)
+    )
+    SessionStore.clear_expired()
+    assert row(live.session_key or "") is not None
+    assert row(dead.session_key or "") is None
+
+
+@pytest.mark.slow
+def test_postgres_restart_errors_during_correct_after(postgres_server: PostgresServer) -> None:
+    """PostgreSQL down: saves raise naming the database; after the restart, the same process
+    reconnects and every session saved before is there (it is the truth, on disk)."""
+    s = saved(a=1)
+    postgres_server.stop()
+    try:
+        s["a"] = 2
+        with pytest.raises(L2Unavailable, match="the database 'l2pg'"):
+            s.save()
+        with pytest.raises(L2Unavailable):
+            SessionStore().save()
+    finally:
+        postgres_server.start()
+    connections[PG_ALIAS].close()
+    store.get_table().clear()
+    assert SessionStore(s.session_key).load() == {"a": 1}
+    s2 = SessionStore(s.session_key)
+    s2["a"] = 3
+    s2.save()
+    assert SessionStore(s.session_key).load() == {"a": 3}
