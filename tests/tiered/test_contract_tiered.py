@@ -33,11 +33,11 @@ from tests.engine.test_contract import (  # noqa: F401 - collected here against 
 
 
 @pytest.fixture(autouse=True, params=["redis", "db"])
-def tiered_engine(request: Any, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
+def tiered_engine(request: Any, monkeypatch: pytest.MonkeyPatch) -> str:
     request.getfixturevalue("redis_tiered" if request.param == "redis" else "db_tiered")
     monkeypatch.setattr(contract, "SessionStore", TieredStore)
     monkeypatch.setattr(contract, "asyncio", SimpleNamespace(run=run_as_a_request))
-    yield request.param
+    return str(request.param)
 
 
 def run_as_a_request(coro: Coroutine[Any, Any, Any]) -> Any:
@@ -55,7 +55,9 @@ def run_as_a_request(coro: Coroutine[Any, Any, Any]) -> Any:
 
 class TestConcurrencySemantics(contract.TestConcurrencySemantics):
     def test_save_after_expiry_raises_update_error(  # type: ignore[override]
-        self, session: TieredStore, request: Any
+        self,
+        session: TieredStore,  # noqa: F811 - the imported fixture, requested by name
+        request: Any,
     ) -> None:
         """Expired in L2 (the truth), not only in L1 as the plain engine's version backdates."""
         session.set_expiry(60)
