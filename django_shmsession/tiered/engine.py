@@ -28,7 +28,8 @@ from django.core.signing import JSONSerializer
 
 from django_shmsession import backend, keys, serializers
 from django_shmsession.exceptions import TableFull, ValueTooLarge
-from django_shmsession.store import get_table
+from django_shmsession.backend import AUTH_USER_KEY
+from django_shmsession.store import ANONYMOUS, SIGNED_IN, get_table
 from django_shmsession.table import SessionTable
 
 from . import codec, counters, words
@@ -84,9 +85,10 @@ class SessionStore(backend.SessionStore):
             return self._fill(table, key, now)
         # ``replace`` cannot resurrect a copy the listener dropped meanwhile (it is then a miss
         # next time); one it drops afterwards is gone anyway.
+        data = self._decode(copy.payload)
         refreshed = codec.encode(version, now, copy.expires_at, copy.payload)
-        _write_l1(table, table.replace, key, refreshed, copy.expires_at)
-        return self._decode(copy.payload)
+        _write_l1(table, table.replace, key, refreshed, copy.expires_at, _priority(data))
+        return data
 
     def _served_during_outage(
         self, copy: codec.L1Copy, now: float, err: L2Unavailable
@@ -122,7 +124,7 @@ class SessionStore(backend.SessionStore):
         data = self._decode(record.payload)
         if data is not None:
             value = codec.encode(record.version, now, record.expires_at, record.payload)
-            self._store_copy(table, key, value, record.expires_at, before, recheck)
+            self._store_copy(table, key, value, record.expires_at, before, _priority(data), recheck)
         return data
 
     def _decode(self, payload: bytes) -> dict[str, Any] | None:
@@ -211,7 +213,8 @@ class SessionStore(backend.SessionStore):
             raise UpdateError
         counters.count(counters.L2_WRITES)
         value = codec.encode(version, now, expires_at, payload)
-        self._store_copy(table, key, value, expires_at, before, recheck)
+        priority = _priority(self._get_session(no_load=True))
+        self._store_copy(table, key, value, expires_at, before, priority, recheck)
 
     def _store_copy(
         self,
@@ -220,11 +223,12 @@ class SessionStore(backend.SessionStore):
         value: bytes,
         expires_at: float,
         before: int,
+        priority: int,
         recheck: bool = True,
     ) -> None:
         """Store an L1 copy; if the listener invalidated its stripe meanwhile, keep it only if
         L2 still has that version (the invalidation was this very write, or another key's)."""
-        if not _write_l1(table, table.set, key, value, expires_at):
+        if not _write_l1(table, table.set, key, value, expires_at, priority):
             return
         if words.guard(table, key) == before:
             return
@@ -365,19 +369,25 @@ class SessionStore(backend.SessionStore):
         await sync_to_async(cls.clear_expired, thread_sensitive=False)()
 
 
+def _priority(data: dict[str, Any] | None) -> int:
+    """The table's eviction class, as the plain engine gives it: signed-in sessions last."""
+    return SIGNED_IN if data and AUTH_USER_KEY in data else ANONYMOUS
+
+
 def _write_l1(
     table: SessionTable,
-    write: Callable[[str, bytes, float], bool | None],
+    write: Callable[[str, bytes, float, int], bool | None],
     key: str,
     value: bytes,
     expires_at: float,
+    priority: int,
 ) -> bool:
     """Store a copy with ``table.set`` or ``table.replace``; False if nothing was stored.
 
     L1 is a cache: a full table (FULL_POLICY 'raise') loses the copy, never the session.
     """
     try:
-        return write(key, value, expires_at) is not False
+        return write(key, value, expires_at, priority) is not False
     except TableFull:
         logger.warning(
             "django-shmsession: the L1 table %s is full; a session is served from L2 only",
