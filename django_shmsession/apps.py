@@ -15,3 +15,4 @@ class ShmSessionConfig(AppConfig):
     def ready(self) -> None:
         # Imported for its side effect: the @register decorators add the checks.
         from django_shmsession import checks  # noqa: F401
+        from django_shmsession.tiered import checks as tiered_checks  # noqa: F401

@@ -15,6 +15,10 @@ in /dev/shm after every unlink (a /dev/shm with room for one table could then ne
 one), and workers inherit nothing they must then re-check. Workers open their own table lazily
 after the fork.
 
+With ``SESSION_ENGINE = "django_shmsession.tiered"``, ``on_starting`` also starts the host's
+invalidation listener as a child of the master and restarts it whenever it dies; ``on_exit``
+stops it.
+
 Nothing here unlinks the segment: a restart or a USR2 binary upgrade keeps every session. If you
 already have these hooks, call ours from yours.
 
@@ -42,12 +46,28 @@ def on_starting(server: Any) -> None:
     finally:
         table.close()
     snapshot_hooks.start_periodic(server, config)
+    _start_listener(server)
+
+
+def _start_listener(server: Any) -> None:
+    """The tiered engine's host listener, supervised by this master (see tiered.supervisor)."""
+    from django.conf import settings
+
+    from django_shmsession import conf
+
+    if getattr(settings, "SESSION_ENGINE", "") == conf.TIERED_ENGINE:
+        from django_shmsession.tiered import supervisor
+
+        supervisor.start(server.log)
 
 
 def on_exit(server: Any) -> None:
-    """Master, after the workers stopped: with SNAPSHOT, dump the table once more."""
+    """Master, after the workers stopped: with SNAPSHOT, dump the table once more; stop the
+    tiered engine's listener (if one was started)."""
     from django_shmsession import conf, snapshot_hooks
+    from django_shmsession.tiered import supervisor
 
+    supervisor.stop()
     snapshot_hooks.dump_at_exit(server, conf.get_config())
 
 

@@ -27,12 +27,12 @@ from django.contrib.sessions.backends.base import CreateError, UpdateError
 from django.core.signing import JSONSerializer
 
 from django_shmsession import backend, keys, serializers
-from django_shmsession.exceptions import TableFull, ValueTooLarge
 from django_shmsession.backend import AUTH_USER_KEY
+from django_shmsession.exceptions import TableFull, ValueTooLarge
 from django_shmsession.store import ANONYMOUS, SIGNED_IN, get_table
 from django_shmsession.table import SessionTable
 
-from . import codec, counters, words
+from . import codec, counters, hoststats, words
 from .config import get_tiered_config
 from .l2 import L2Record, L2Unavailable
 from .runtime import get_l2
@@ -59,6 +59,7 @@ class SessionStore(backend.SessionStore):
 
     def _load(self, key: str) -> dict[str, Any] | None:
         table = get_table()
+        hoststats.maybe_publish(table)
         now = time.time()
         copy = _l1_copy(table, key)
         if copy is None:
@@ -165,6 +166,7 @@ class SessionStore(backend.SessionStore):
             return self.create()
         payload, expires_at, key = self._prepare(must_create)
         table = get_table()
+        hoststats.maybe_publish(table)
         before = words.guard(table, key)
         now = time.time()
         l2 = get_l2()
@@ -280,6 +282,7 @@ class SessionStore(backend.SessionStore):
 
     async def _aload(self, key: str) -> dict[str, Any] | None:
         table = get_table()
+        hoststats.maybe_publish(table)
         now = time.time()
         copy = _l1_copy(table, key)
         l2 = get_l2()

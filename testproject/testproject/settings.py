@@ -10,10 +10,15 @@ Environment variables (all optional):
 - SESSION_ENGINE: another session engine, for benchmarks against peers
   (default "django_shmsession.backend").
 - DJANGO_DEBUG: "1" for DEBUG = True.
+- SHMSESSION_L2: JSON of SHMSESSION["L2"] for the tiered engine, e.g.
+  '{"BACKEND": "redis", "LOCATION": "redis://127.0.0.1:6379/0"}'.
+- SHMSESSION_MAX_STALENESS: SHMSESSION["MAX_STALENESS"] in seconds.
+- TESTPROJECT_DATABASE: JSON of DATABASES["default"] (the db L2 on PostgreSQL, cached_db).
 """
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -33,6 +38,8 @@ WSGI_APPLICATION = "testproject.wsgi.application"
 
 # Only the db session engine (benchmarks) uses it.
 DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": BASE_DIR / "db.sqlite3"}}
+if os.environ.get("TESTPROJECT_DATABASE"):
+    DATABASES["default"] = json.loads(os.environ["TESTPROJECT_DATABASE"])
 
 SESSION_ENGINE = os.environ.get("SESSION_ENGINE", "django_shmsession.backend")
 SHMSESSION: dict[str, object] = {"SIZE": os.environ.get("SHMSESSION_SIZE", "64M")}
@@ -48,6 +55,10 @@ if os.environ.get("SHMSESSION_SNAPSHOT_PATH"):
         "PATH": os.environ["SHMSESSION_SNAPSHOT_PATH"],
         "INTERVAL": float(os.environ.get("SHMSESSION_SNAPSHOT_INTERVAL", "60")),
     }
+if os.environ.get("SHMSESSION_L2"):
+    SHMSESSION["L2"] = json.loads(os.environ["SHMSESSION_L2"])
+if os.environ.get("SHMSESSION_MAX_STALENESS"):
+    SHMSESSION["MAX_STALENESS"] = float(os.environ["SHMSESSION_MAX_STALENESS"])
 
 USE_TZ = True
 # Django exports TIME_ZONE as TZ when settings load (gunicorn's master loads them in on_starting);

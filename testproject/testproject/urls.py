@@ -13,4 +13,5 @@ urlpatterns = [
     path("incr", views.incr),
     path("ping", views.ping),
     path("aget", views.aget),
+    path("logout", views.logout),
 ]

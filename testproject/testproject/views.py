@@ -47,3 +47,9 @@ async def aget(request: HttpRequest) -> JsonResponse:
 def ping(request: HttpRequest) -> JsonResponse:
     """`GET /ping`: never touches the session (the benchmarks' baseline)."""
     return JsonResponse({"pong": True, "pid": os.getpid()})
+
+
+def logout(request: HttpRequest) -> JsonResponse:
+    """`GET /logout`: ``session.flush()``, what ``django.contrib.auth.logout`` does."""
+    request.session.flush()
+    return JsonResponse({"flushed": True, "pid": os.getpid()})

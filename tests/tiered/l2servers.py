@@ -50,7 +50,10 @@ def _tail(log: Path) -> str:
 class RedisServer:
     """``redis-server`` without persistence, restartable on the same port (outage tests)."""
 
-    def __init__(self) -> None:
+    def __init__(self, persist: bool = False) -> None:
+        #: With ``persist``, an append-only file fsynced at every write: a restart keeps every
+        #: acknowledged session (the outage tests restart it under traffic).
+        self.persist = persist
         exe = shutil.which("redis-server")
         if exe is None:
             _fail("redis-server is not installed: `apt-get install redis-server` (.ci/run does)")
@@ -66,7 +69,12 @@ class RedisServer:
     def start(self) -> RedisServer:
         log = self.dir / "redis.log"
         args = [self.exe, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir)]
-        args += ["--save", "", "--appendonly", "no", "--logfile", str(log)]
+        args += ["--save", "", "--logfile", str(log)]
+        args += (
+            ["--appendonly", "yes", "--appendfsync", "always"]
+            if self.persist
+            else ["--appendonly", "no"]
+        )
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
         _wait_port(self.port, self.proc, log, "redis-server")
         return self

@@ -1,7 +1,8 @@
 """``manage.py shmsession ACTION``: inspect and reset the session table.
 
 Actions: ``stats``, ``check``, ``clear``, ``unlink``, ``list``, ``sessions``, ``logout``,
-``dump``, ``restore`` (snapshots, docs/snapshot.md: the one action that creates a table). Each one
+``dump``, ``restore`` (snapshots, docs/snapshot.md: the one action that creates a table),
+``listen`` (the tiered engine's host listener, for servers other than gunicorn). Each one
 is an ``_add_<action>`` method (its arguments) and a ``_<action>`` method (what it does),
 dispatched by name, so a new action is two methods and one entry in ``ACTIONS``. Every action
 takes ``--name`` to inspect a table other than the settings' NAME without editing settings.
@@ -19,6 +20,7 @@ import time
 from collections.abc import Callable
 from typing import Any
 
+from django.conf import settings
 from django.core.management.base import BaseCommand, CommandError, CommandParser
 
 from django_shmsession import conf, introspection, snapshot_ops, store
@@ -36,6 +38,7 @@ ACTIONS = {
     "logout": "delete every session of one user (--user ID)",
     "dump": "write a snapshot of every live session to PATH (-: stdout)",
     "restore": "load a snapshot from PATH (-: stdin) into the table (created if absent)",
+    "listen": "run the tiered engine's invalidation listener (until SIGTERM)",
 }
 
 
@@ -108,13 +111,33 @@ class Command(BaseCommand):
     def _add_restore(self, parser: CommandParser) -> None:
         _add_snapshot_path(parser)
 
+    def _add_listen(self, parser: CommandParser) -> None:
+        pass
+
     # -- actions --------------------------------------------------------------------------------
 
+    def _listen(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        if not _tiered():
+            raise CommandError(
+                f"The listener serves SESSION_ENGINE = {conf.TIERED_ENGINE!r}; this site uses "
+                f"{getattr(settings, 'SESSION_ENGINE', '')!r}, which needs none."
+            )
+        if options.get("name"):
+            raise CommandError("listen serves the settings' NAME; --name is for inspection.")
+        from django_shmsession.tiered import listener
+
+        self.stdout.write("django-shmsession: listening for invalidations (SIGTERM stops)")
+        listener.run_forever()
+
     def _stats(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
+        output = "json" if options["json"] else options["format"]
         with self._open(config) as table:
             stats: dict[str, Any] = dict(table.stats().as_dict())
+            if output != "prometheus" and _tiered():
+                from django_shmsession.tiered import hoststats
+
+                stats.update(hoststats.collect(table))
         runs = snapshot_ops.last_runs(options["snapshot"] or _default_path(config))
-        output = "json" if options["json"] else options["format"]
         # Prometheus gets the numbers it can export (a run that never happened has none).
         stats.update(runs if output != "prometheus" else _known(runs))
         if output == "json":
@@ -319,3 +342,7 @@ def _human(key: str, value: int | float | str | None) -> str:
             else f"{value} ({value / 1024:.1f} KiB)"
         )
     return str(value)
+
+
+def _tiered() -> bool:
+    return getattr(settings, "SESSION_ENGINE", "") == conf.TIERED_ENGINE
