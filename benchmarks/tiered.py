@@ -1,0 +1,400 @@
+"""The tiered engine against the plain engine and Django's cache/cached_db, side by side.
+
+Usage: python -m benchmarks.tiered [--quick]
+
+Starts its own redis-server and PostgreSQL (tests/tiered/l2servers.py: 127.0.0.1, free ports,
+temp dirs), then measures, in one run:
+
+1. micro: µs per load of an existing session (a fresh SessionStore each time, as per request)
+   and per update (load, change, save), in a subprocess per engine: plain, tiered on Redis and
+   on PostgreSQL (listener up, so the load is an L1 hit), cache on Redis, cached_db on Redis +
+   PostgreSQL. Target: tiered L1-hit load within 1.3x of the plain engine's load.
+2. e2e with wrk (sync gunicorn workers): `/`, `/incr` and `/ping`, every engine as two servers
+   of 1 worker with one wrk each at once (-t1 -c4) and the req/s added up: for tiered, two
+   hosts (two tables, two listeners, one L2); for the others one host (both servers on one
+   table or store). Targets: tiered `/` >= 90 % of the plain engine's; tiered `/incr` >= 1.5x
+   cached_db's (same Redis and PostgreSQL).
+3. invalidation latency: host B's listener in its own process (`manage.py shmsession listen`),
+   B's table holding a copy; the session is deleted through host A's engine and B's table is
+   polled until the copy is gone: time from A's delete returning to B dropping the copy
+   (p50/p99/max over N logouts), per L2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import (
+    ROOT,
+    fmt_ratio,
+    log,
+    machine_header,
+    machine_info,
+    md_table,
+    write_results,
+)
+from benchmarks.e2e import gunicorn, request
+
+PROJECT = ROOT / "testproject"
+
+MICRO = r"""
+import json, os, sys, time, threading
+import django
+django.setup()
+from django.conf import settings
+from django.contrib.sessions.backends.base import SessionBase
+from django.utils.module_loading import import_string
+store_cls = import_string(settings.SESSION_ENGINE + ".SessionStore")
+stop = None
+if settings.SESSION_ENGINE == "django_shmsession.tiered":
+    from django_shmsession import store
+    from django_shmsession.tiered import words
+    from django_shmsession.tiered.listener import Listener
+    stop = threading.Event()
+    threading.Thread(target=Listener(stop).run, daemon=True).start()
+    while not words.listener_up(store.get_table()):
+        time.sleep(0.01)
+n = int(sys.argv[1])
+s = store_cls(); s["_auth_user_id"] = "1"; s["data"] = "x" * 250; s.save()
+key = s.session_key
+def load():
+    t = time.perf_counter_ns(); store_cls(key).load(); return time.perf_counter_ns() - t
+def update():
+    t = time.perf_counter_ns(); x = store_cls(key); x["n"] = x.get("n", 0) + 1; x.save()
+    return time.perf_counter_ns() - t
+out = {}
+for name, op in (("load", load), ("update", update), ("load", load)):
+    for _ in range(min(200, n)):
+        op()
+    samples = [op() for _ in range(n)]
+    out[name] = sorted(samples)[len(samples) // 2] / 1000
+store_cls(key).delete()
+if stop is not None:
+    stop.set()
+print(json.dumps(out))
+"""
+
+LATENCY = r"""
+import json, sys, time
+import django
+django.setup()
+from django_shmsession.table import SessionTable
+from django_shmsession.tiered import codec
+from django_shmsession.tiered.engine import SessionStore
+b_name, n = sys.argv[1], int(sys.argv[2])
+b = SessionTable(b_name, None)
+samples = []
+for _ in range(n):
+    s = SessionStore(); s["_auth_user_id"] = "1"; s.save()
+    key = s.session_key
+    # Host B holds a copy of this version (as its worker would after a read).
+    from django_shmsession.tiered.runtime import get_l2
+    record = get_l2().fetch(key)
+    b.set(key, codec.encode(record.version, time.time(), record.expires_at, record.payload),
+          record.expires_at)
+    time.sleep(0.002)
+    s.delete()  # the logout on host A: L2 first
+    t0 = time.perf_counter()
+    while b.get(key) is not None:
+        if time.perf_counter() - t0 > 5:
+            break
+    samples.append((time.perf_counter() - t0) * 1000)
+b.close()
+print(json.dumps(samples))
+"""
+
+
+def engine_env(kind: str, redis_url: str, pg: dict[str, Any], name: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(
+        PYTHONPATH=os.pathsep.join([str(ROOT), str(PROJECT)]),
+        DJANGO_SETTINGS_MODULE="benchmarks.tiered_settings",
+        SHMSESSION_NAME=name,
+        SHMSESSION_SIZE="64M",
+        TIERED_BENCH_CACHE=redis_url,
+        TESTPROJECT_DATABASE=json.dumps(pg),
+    )
+    prefix = f"b{uuid.uuid4().hex[:8]}:"
+    if kind == "plain":
+        env["SESSION_ENGINE"] = "django_shmsession.backend"
+    elif kind == "tiered-redis":
+        env["SESSION_ENGINE"] = "django_shmsession.tiered"
+        env["SHMSESSION_L2"] = json.dumps(
+            {"BACKEND": "redis", "LOCATION": redis_url, "KEY_PREFIX": prefix}
+        )
+    elif kind == "tiered-pg":
+        env["SESSION_ENGINE"] = "django_shmsession.tiered"
+        env["SHMSESSION_L2"] = json.dumps({"BACKEND": "db", "CHANNEL": "b" + prefix[1:-1]})
+    elif kind == "cache-redis":
+        env["SESSION_ENGINE"] = "django.contrib.sessions.backends.cache"
+    elif kind == "cached_db":
+        env["SESSION_ENGINE"] = "django.contrib.sessions.backends.cached_db"
+    return env
+
+
+def python(env: dict[str, str], code: str, *args: str, timeout: float = 600) -> str:
+    done = subprocess.run(
+        [sys.executable, "-c", code, *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+    if done.returncode != 0:
+        raise RuntimeError(done.stderr[-3000:])
+    return done.stdout.strip().splitlines()[-1]
+
+
+def migrate(env: dict[str, str]) -> None:
+    subprocess.run(
+        [sys.executable, str(PROJECT / "manage.py"), "migrate", "sessions", "--verbosity", "0"],
+        env=env,
+        cwd=ROOT,
+        check=True,
+    )
+
+
+def unlink(name: str) -> None:
+    from django_shmsession.table import SessionTable
+
+    SessionTable.unlink_name(name)
+
+
+KINDS = ("plain", "tiered-redis", "tiered-pg", "cache-redis", "cached_db")
+
+
+def micro(redis_url: str, pg: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
+    """Median µs per op; rounds interleave the engines so a burst of load hits all of them."""
+    runs: dict[str, list[dict[str, float]]] = {k: [] for k in KINDS}
+    for _ in range(rounds):
+        for kind in KINDS:
+            name = f"/shmbench-tiered-{uuid.uuid4().hex[:8]}"
+            migrate(engine_env(kind, redis_url, pg, name))
+            try:
+                runs[kind].append(
+                    json.loads(python(engine_env(kind, redis_url, pg, name), MICRO, str(n)))
+                )
+            finally:
+                unlink(name)
+    return {
+        kind: {op: statistics.median(r[op] for r in results) for op in ("load", "update")}
+        for kind, results in runs.items()
+    }
+
+
+def login(port: int, path: str = "/set?_auth_user_id=1&data=" + "x" * 200) -> str:
+    status, _, cookie = request(port, path)
+    assert status == 200 and cookie, status
+    return cookie
+
+
+def e2e(
+    redis_url: str, pg: dict[str, Any], seconds: int, repeats: int, workdir: Path
+) -> dict[str, Any]:
+    from django_shmsession.tiered.listener import lock_path
+
+    results: dict[str, Any] = {}
+    for kind in KINDS:
+        # Every engine runs as two servers of 1 worker, each loaded by its own wrk (the same
+        # harness for all): two hosts (two tables, one L2) for tiered, one host (both servers
+        # on one table or one store) for the others.
+        tiered = kind.startswith("tiered")
+        names = [f"/shmbench-e2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
+        if not tiered:
+            names[1] = names[0]
+        envs = [engine_env(kind, redis_url, pg, name) for name in names]
+        envs[1]["SHMSESSION_L2"] = envs[0].get("SHMSESSION_L2", "")  # one L2 for both hosts
+        migrate(envs[0])
+        hosts = 2
+        try:
+            with _servers(envs, 1, workdir, kind) as ports:
+                time.sleep(1.0)  # listeners up
+                cookie = login(ports[0])
+                for port in ports:
+                    assert request(port, "/", cookie)[0] == 200
+                results[kind] = {}
+                for path in ("/", "/incr", "/ping"):
+                    sums = []
+                    for _ in range(repeats):
+                        procs = [
+                            _wrk_async(port, path, cookie, seconds, 8 // hosts) for port in ports
+                        ]
+                        sums.append(sum(_wrk_result(p) for p in procs))
+                    results[kind][path] = statistics.median(sums)
+        finally:
+            for name in names:
+                unlink(name)
+                lock_path(name).unlink(missing_ok=True)
+    return results
+
+
+class _servers:
+    def __init__(self, envs: list[dict[str, str]], workers: int, workdir: Path, kind: str) -> None:
+        self.contexts = [
+            gunicorn(env, workers, workdir / f"{kind}-{i}.log") for i, env in enumerate(envs)
+        ]
+
+    def __enter__(self) -> list[int]:
+        return [ctx.__enter__() for ctx in self.contexts]
+
+    def __exit__(self, *exc: Any) -> None:
+        for ctx in self.contexts:
+            ctx.__exit__(None, None, None)
+
+
+def _wrk_async(
+    port: int, path: str, cookie: str, seconds: int, connections: int
+) -> subprocess.Popen[str]:
+    cmd = [
+        "wrk",
+        "-t1",
+        f"-c{connections}",
+        f"-d{seconds}s",
+        "-H",
+        f"Cookie: sessionid={cookie}",
+        f"http://127.0.0.1:{port}{path}",
+    ]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True)
+
+
+def _wrk_result(proc: subprocess.Popen[str]) -> float:
+    import re
+
+    out = proc.communicate()[0]
+    bad = re.search(r"Non-2xx or 3xx responses:\s+(\d+)", out)
+    if bad:
+        raise RuntimeError(f"wrk saw {bad.group(1)} failed responses:\n{out}")
+    found = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    return float(found.group(1)) if found else 0.0
+
+
+def latency(redis_url: str, pg: dict[str, Any], n: int) -> dict[str, Any]:
+    from django_shmsession.tiered.listener import lock_path
+
+    out: dict[str, Any] = {}
+    for kind in ("tiered-redis", "tiered-pg"):
+        a, b = (f"/shmbench-lat-{uuid.uuid4().hex[:8]}" for _ in range(2))
+        env_a = engine_env(kind, redis_url, pg, a)
+        env_b = dict(env_a, SHMSESSION_NAME=b)
+        migrate(env_a)
+        listener = subprocess.Popen(
+            [sys.executable, str(PROJECT / "manage.py"), "shmsession", "listen"],
+            env=env_b,
+            cwd=ROOT,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+        try:
+            python(
+                env_b,
+                "import django; django.setup()\nfrom django_shmsession import store; print(store.get_table().name)",
+            )
+            time.sleep(2.0)  # the listener is up and has flushed
+            samples = json.loads(python(env_a, LATENCY, b, str(n)))
+        finally:
+            listener.terminate()
+            listener.wait(20)
+            for name in (a, b):
+                unlink(name)
+                lock_path(name).unlink(missing_ok=True)
+        ordered = sorted(samples)
+        out[kind] = {
+            "n": len(ordered),
+            "p50_ms": ordered[len(ordered) // 2],
+            "p99_ms": ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))],
+            "max_ms": ordered[-1],
+        }
+    return out
+
+
+def render(info: dict[str, str], data: dict[str, Any]) -> str:
+    m, e, lat = data["micro"], data["e2e"], data["latency"]
+    lines = [
+        "# Tiered engine: tiered (Redis, PostgreSQL) vs plain engine, cache (Redis), cached_db",
+        "",
+        machine_header(info),
+        "",
+        "## Per operation (µs, median of round medians; 300 B signed-in session)",
+        "",
+        md_table(
+            ["engine", "load", "update (load+save)"],
+            [[k, f"{m[k]['load']:.1f}", f"{m[k]['update']:.1f}"] for k in KINDS],
+        ),
+        "",
+        "## End to end (req/s, wrk, two servers of 1 sync worker each, summed)",
+        "",
+        md_table(
+            ["engine", "/", "/incr", "/ping"],
+            [
+                [k, f"{e[k]['/']:.0f}", f"{e[k]['/incr']:.0f}", f"{e[k]['/ping']:.0f}"]
+                for k in KINDS
+            ],
+        ),
+        "",
+        "## Invalidation latency (ms, A's delete returned -> B's L1 copy gone)",
+        "",
+        md_table(
+            ["L2", "n", "p50", "p99", "max"],
+            [
+                [k, v["n"], f"{v['p50_ms']:.2f}", f"{v['p99_ms']:.2f}", f"{v['max_ms']:.2f}"]
+                for k, v in lat.items()
+            ],
+        ),
+        "",
+        "## Targets",
+        "",
+    ]
+    for kind in ("tiered-redis", "tiered-pg"):
+        ratio = m[kind]["load"] / m["plain"]["load"]
+        lines.append(f"- {kind} L1-hit load / plain load: {fmt_ratio(ratio)} (target <= 1.30x)")
+        share = 100 * e[kind]["/"] / e["plain"]["/"]
+        lines.append(
+            f"- {kind} `/` (two hosts) vs plain (one host): {share:.0f} % (target >= 90 %)"
+        )
+        incr = e[kind]["/incr"] / e["cached_db"]["/incr"]
+        lines.append(f"- {kind} `/incr` / cached_db `/incr`: {fmt_ratio(incr)} (target >= 1.5x)")
+    for kind, v in lat.items():
+        lines.append(f"- {kind} invalidation p99 {v['p99_ms']:.2f} ms (target <= 50 ms)")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    args = parser.parse_args(argv)
+    sys.path.insert(0, str(ROOT))
+    from tests.tiered.l2servers import PostgresServer, RedisServer
+
+    n, rounds, seconds, repeats, lat_n = (300, 1, 2, 1, 50) if args.quick else (3000, 3, 5, 3, 500)
+    info = machine_info()
+    redis_server = RedisServer().start()
+    pg_server = PostgresServer().start()
+    workdir = Path(redis_server.dir)
+    try:
+        pg = dict(pg_server.settings)
+        log("micro")
+        data: dict[str, Any] = {"micro": micro(redis_server.url, pg, n, rounds)}
+        log("invalidation latency")
+        data["latency"] = latency(redis_server.url, pg, lat_n)
+        log("e2e")
+        data["e2e"] = e2e(redis_server.url, pg, seconds, repeats, workdir)
+    finally:
+        redis_server.cleanup()
+        pg_server.cleanup()
+    path = write_results("tiered", render(info, data), {"machine": info, **data})
+    log(f"results in {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
