@@ -194,7 +194,8 @@ def micro(redis_url: str, pg: dict[str, Any], n: int, rounds: int) -> dict[str, 
 
 def login(port: int, path: str = "/set?_auth_user_id=1&data=" + "x" * 200) -> str:
     status, _, cookie = request(port, path)
-    assert status == 200 and cookie, status
+    if status != 200 or not cookie:
+        raise RuntimeError(f"/set answered {status} without a session cookie")
     return cookie
 
 
@@ -297,7 +298,8 @@ def latency(redis_url: str, pg: dict[str, Any], n: int) -> dict[str, Any]:
         try:
             python(
                 env_b,
-                "import django; django.setup()\nfrom django_shmsession import store; print(store.get_table().name)",
+                "import django; django.setup()\n"
+                "from django_shmsession import store; print(store.get_table().name)",
             )
             time.sleep(2.0)  # the listener is up and has flushed
             samples = json.loads(python(env_a, LATENCY, b, str(n)))

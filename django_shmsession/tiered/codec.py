@@ -36,12 +36,17 @@ def encode(version: int, confirmed_at: float, expires_at: float, payload: bytes)
     return _HEADER.pack(MAGIC, version, confirmed_at, expires_at) + payload
 
 
+_FIELDS = struct.Struct("<Qdd")  # the header after the magic
+_new = tuple.__new__  # builds an L1Copy without NamedTuple.__new__'s Python-level call
+
+
 def decode(value: bytes) -> L1Copy | None:
-    """The copy in ``value``, or None when it is not one of ours (wrong magic, too short)."""
-    if len(value) < HEADER_SIZE or value[:4] != MAGIC:
+    """The copy in ``value``, or None when it is not one of ours (wrong magic, too short).
+
+    On every L1 hit, so kept to one unpack and one slice (~0.5 µs)."""
+    if len(value) < HEADER_SIZE or not value.startswith(MAGIC):
         return None
-    _, version, confirmed_at, expires_at = _HEADER.unpack_from(value)
-    return L1Copy(version, confirmed_at, expires_at, value[HEADER_SIZE:])
+    return _new(L1Copy, (*_FIELDS.unpack_from(value, 4), value[HEADER_SIZE:]))
 
 
 def version_of(value: bytes | None) -> int | None:
