@@ -52,13 +52,13 @@ class SessionStore(backend.SessionStore):
         :raises L2Unavailable: L2 is down and L1 holds no copy confirmed within MAX_STALENESS.
         """
         key = self.session_key
-        data = None if key is None else self._load(key)
+        data = None if key is None else self._load_tiered(key)
         if data is None:
             self._session_key = None
             return {}
         return data
 
-    def _load(self, key: str) -> dict[str, Any] | None:
+    def _load_tiered(self, key: str) -> dict[str, Any] | None:
         table = get_table()
         hoststats.maybe_publish(table)
         now = time.time()
@@ -160,6 +160,23 @@ class SessionStore(backend.SessionStore):
         return get_l2().version(session_key) is not None
 
     # -- writes ---------------------------------------------------------------------------------
+
+    def create(self) -> None:
+        """Save an empty session under a new key in L2; a key collision there is a retry.
+
+        Overridden (not inherited from the plain engine, whose create writes the table only):
+        every store operation of this engine goes through L2 first.
+
+        :raises L2Unavailable: L2 cannot be reached; nothing was saved.
+        """
+        while True:
+            self._session_key = self._get_new_session_key()
+            try:
+                self.save(must_create=True)
+            except CreateError:
+                continue
+            self.modified = True
+            return
 
     def save(self, must_create: bool = False) -> None:
         """Create (``must_create``: CreateError if L2 has the key) or update (UpdateError if L2
@@ -280,13 +297,13 @@ class SessionStore(backend.SessionStore):
 
     async def aload(self) -> dict[str, Any]:
         key = self.session_key
-        data = None if key is None else await self._aload(key)
+        data = None if key is None else await self._aload_tiered(key)
         if data is None:
             self._session_key = None
             return {}
         return data
 
-    async def _aload(self, key: str) -> dict[str, Any] | None:
+    async def _aload_tiered(self, key: str) -> dict[str, Any] | None:
         table = get_table()
         hoststats.maybe_publish(table)
         now = time.time()

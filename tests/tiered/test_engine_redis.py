@@ -228,3 +228,33 @@ def test_bad_location_names_it(settings: Any) -> None:
         saved(a=1)
     assert "Redis at redis://:***@127.0.0.1:1/0" in str(info.value)
     assert "secret" not in str(info.value)
+
+
+def test_every_store_operation_is_the_tiered_engines_own() -> None:
+    """The tiered engine inherits helpers from the plain one; an inherited store operation
+    would write the table only (a success that never reached L2), so each is overridden."""
+    from django_shmsession import backend
+
+    for name in (
+        "load",
+        "exists",
+        "create",
+        "save",
+        "delete",
+        "clear_expired",
+        "aload",
+        "aexists",
+        "acreate",
+        "asave",
+        "adelete",
+        "aclear_expired",
+    ):
+        ours = getattr(SessionStore, name)
+        plain = getattr(backend.SessionStore, name)
+        assert getattr(ours, "__func__", ours) is not getattr(plain, "__func__", plain), name
+
+
+def test_create_goes_to_l2(redis_server: RedisServer, redis_tiered: str) -> None:
+    s = SessionStore()
+    s.create()
+    assert l2_client(redis_server).exists(redis_tiered + (s.session_key or ""))
