@@ -5,17 +5,21 @@
 (SIGKILL, OOM, a bug) the thread logs it and starts a new one after RESTART_DELAY. The thread
 exists only in the master: forked workers do not inherit threads. ``on_exit`` stops it.
 
-gunicorn's SIGCHLD handler reaps every child, ours included; ``Popen.wait`` then returns with
-the status lost (Python's ChildProcessError path), which still tells the thread to restart. The
-listener exits by itself if the master disappears without ``on_exit`` (its parent pid changes).
+The listener is started with ``os.posix_spawn``, not ``subprocess.Popen``: Popen waits on a
+pipe until the child has exec'd, and a worker the master forks meanwhile inherits that pipe and
+never closes it, so the supervisor would block forever (seen in the two-host tests: the listener
+ran, but was never restarted after it died). gunicorn's SIGCHLD handler reaps every child, ours
+included; ``waitpid`` then fails with ChildProcessError, which still tells the thread it exited.
+The listener exits by itself if the master disappears without ``on_exit`` (its parent changes).
 """
 
 from __future__ import annotations
 
 import os
-import subprocess
+import signal
 import sys
 import threading
+import time
 from typing import Any
 
 #: Seconds between a listener's exit and its replacement.
@@ -28,7 +32,7 @@ class ListenerSupervisor:
     def __init__(self, log: Any) -> None:
         self.log = log
         self._stop = threading.Event()
-        self._proc: subprocess.Popen[bytes] | None = None
+        self._pid: int | None = None
         self._lock = threading.Lock()
         self._thread = threading.Thread(
             target=self._run, name="shmsession-listener-supervisor", daemon=True
@@ -40,33 +44,31 @@ class ListenerSupervisor:
 
     @property
     def pid(self) -> int | None:
-        proc = self._proc
-        return None if proc is None else proc.pid
+        return self._pid
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self) -> int:
         env = dict(os.environ)
         # The master's import path (the project directory gunicorn runs in, --pythonpath).
         env["PYTHONPATH"] = os.pathsep.join(p for p in sys.path if p)
-        return subprocess.Popen(
-            [sys.executable, "-m", "django_shmsession.tiered.listener"], env=env
-        )
+        argv = [sys.executable, "-m", "django_shmsession.tiered.listener"]
+        return os.posix_spawn(sys.executable, argv, env)
 
     def _run(self) -> None:
         while not self._stop.is_set():
             with self._lock:
                 if self._stop.is_set():
                     return
-                self._proc = proc = self._spawn()
-            self.log.info("django-shmsession: listener started (pid %s)", proc.pid)
-            code = proc.wait()
+                self._pid = pid = self._spawn()
+            self.log.info("django-shmsession: listener started (pid %s)", pid)
+            status = _wait(pid)
             if self._stop.is_set():
                 return
             self.restarts += 1
             self.log.warning(
-                "django-shmsession: listener (pid %s) exited (status %s); restarting it; "
+                "django-shmsession: listener (pid %s) exited (%s); restarting it; "
                 "meanwhile every L1 copy is revalidated",
-                proc.pid,
-                code,
+                pid,
+                status,
             )
             self._stop.wait(RESTART_DELAY)
 
@@ -74,15 +76,39 @@ class ListenerSupervisor:
         """Stop the thread and terminate the listener (SIGTERM, then SIGKILL)."""
         with self._lock:
             self._stop.set()
-            proc = self._proc
-        if proc is not None and proc.poll() is None:
-            proc.terminate()
-            try:
-                proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(timeout)
+            pid = self._pid
+        if pid is not None and _signal(pid, signal.SIGTERM):
+            deadline = time.monotonic() + timeout
+            while _alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            if _alive(pid):
+                _signal(pid, signal.SIGKILL)
         self._thread.join(timeout)
+
+
+def _wait(pid: int) -> str:
+    """Block until ``pid`` exits; its status, or "reaped by gunicorn" when the master got it."""
+    try:
+        _, status = os.waitpid(pid, 0)
+    except ChildProcessError:
+        return "status reaped by the master"
+    return f"status {os.waitstatus_to_exitcode(status)}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        done, _ = os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        return False
+    return done == 0
+
+
+def _signal(pid: int, signum: int) -> bool:
+    try:
+        os.kill(pid, signum)
+    except ProcessLookupError:
+        return False
+    return True
 
 
 _supervisor: ListenerSupervisor | None = None
