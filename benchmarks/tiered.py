@@ -170,6 +170,12 @@ def unlink(name: str) -> None:
     SessionTable.unlink_name(name)
 
 
+def _unlink_lock(name: str) -> None:
+    from django_shmsession.tiered.listener import lock_path
+
+    lock_path(name).unlink(missing_ok=True)
+
+
 KINDS = ("plain", "tiered-redis", "tiered-pg", "cache-redis", "cached_db")
 
 
@@ -186,6 +192,7 @@ def micro(redis_url: str, pg: dict[str, Any], n: int, rounds: int) -> dict[str, 
                 )
             finally:
                 unlink(name)
+                _unlink_lock(name)
     return {
         kind: {op: statistics.median(r[op] for r in results) for op in ("load", "update")}
         for kind, results in runs.items()
