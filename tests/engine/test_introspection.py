@@ -356,3 +356,14 @@ def test_symlink_planted_under_the_name(shm_name: str, tmp_path: Path) -> None:
     finally:
         os.unlink(checks.segment_path(shm_name))
     assert not target.exists()
+
+
+def test_logout_refuses_the_tiered_engines_l1(settings: Any) -> None:
+    """Under the tiered engine the table is a host's L1: deleting there would leave the user
+    signed in through L2 and on every other host, so the command says where to delete."""
+    key = login(7)
+    settings.SESSION_ENGINE = "django_shmsession.tiered"
+    with pytest.raises(CommandError, match="tiered engine"):
+        run("shmsession", "logout", "--user", "7", "--noinput")
+    settings.SESSION_ENGINE = "django_shmsession.backend"
+    assert SessionStore().exists(key)

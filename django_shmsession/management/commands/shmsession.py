@@ -42,6 +42,9 @@ ACTIONS = {
 }
 
 
+TIERED_ENGINE = "django_shmsession.tiered"
+
+
 class Command(BaseCommand):
     help = "Inspect (stats, check, list, sessions) or reset (clear, unlink, logout) the table."
 
@@ -215,6 +218,14 @@ class Command(BaseCommand):
 
     def _logout(self, config: conf.ShmSessionConfig, options: dict[str, Any]) -> None:
         user = options["user"]
+        if settings.SESSION_ENGINE == TIERED_ENGINE:
+            # This table is only a host's L1: deleting here leaves the user signed in through
+            # L2 and on every other host.
+            raise CommandError(
+                "logout works on the plain engine's table only; with the tiered engine, delete "
+                "the user's sessions in L2 (for the db L2: Session objects; for Redis: its keys) "
+                "and the hosts' listeners drop them from every L1"
+            )
         question = f"Delete every session of user {user!r} in {config.name!r}?"
         with self._open(config) as table:
             if not self._confirm(options, question):
