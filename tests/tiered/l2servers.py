@@ -18,12 +18,20 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.engine.servers import free_port
 
 
+class ServerStartError(RuntimeError):
+    """A test server did not start (raised outside pytest, e.g. by benchmarks/tiered.py)."""
+
+
 def _fail(message: str) -> None:
+    """Fail the test without a traceback under pytest; raise outside it (the benchmarks' venv
+    has no pytest)."""
+    try:
+        import pytest
+    except ImportError:
+        raise ServerStartError(message) from None
     pytest.fail(message, pytrace=False)
 
 
