@@ -13,6 +13,7 @@ fresh chunks come from above the chunk high-water mark, where nothing needs undo
 
 from __future__ import annotations
 
+from array import array
 from collections.abc import Callable
 
 from .exceptions import CorruptTable
@@ -70,6 +71,13 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
         following = links[head]
         if following == NIL or following < hwm:
             return 1, 1, head, following, head, following, hwm, head
+    if head != NIL and _stack_run(memory, head, count, hwm):
+        # The usual case for a larger value: the stack's top ``count`` chunks are a run (the
+        # chain an update of the same size just freed). Distinct by construction: no cycle set.
+        last = head + count - 1
+        following = links[last]
+        if following == NIL or following < hwm:
+            return count, count, last, following, head, following, hwm, head
     seen: set[int] | None = None if count == 1 else set()
     taken, last, chunk = 0, NIL, head
     while taken < count and chunk != NIL:
@@ -86,6 +94,21 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
     if taken == 0:
         return count, 0, NIL, NIL, head, head, hwm, hwm
     return count, taken, last, chunk, head, chunk, hwm, head
+
+
+def _stack_run(memory: TableMemory, head: int, count: int, hwm: int) -> bool:
+    """Whether the free stack's top ``count`` chunks are the free run ``head`` .. ``+count-1``."""
+    return (
+        count > 1
+        and head + count <= hwm
+        and memory.owners[head : head + count].tolist().count(0) == count
+        and memory.links_run(head, count)
+    )
+
+
+def _fill(view: memoryview, start: int, stop: int, value: int) -> None:
+    """Store ``value`` into ``view[start:stop]`` with one copy."""
+    view[start:stop] = array("I", (value,)) * (stop - start)
 
 
 def take_entry(
@@ -126,23 +149,37 @@ def apply_chunks(
         return
     control, links, owners = memory.control, memory.links, memory.owners
     tag = index + 1
-    for _ in range(taken):
-        owners[chunk] = tag
-        if hook is not None:
-            hook(f"{step}:after-chunk-owner")
-        chunk = links[chunk]
+    if (
+        hook is None
+        and taken > 1
+        and last_stack == chunk + taken - 1
+        and memory.links_run(chunk, taken)
+    ):
+        _fill(owners, chunk, chunk + taken, tag)  # a run: one copy (as the loop, minus hooks)
+    else:
+        for _ in range(taken):
+            owners[chunk] = tag
+            if hook is not None:
+                hook(f"{step}:after-chunk-owner")
+            chunk = links[chunk]
     end = hwm + count - taken
     if taken:
         links[last_stack] = hwm if end > hwm else NIL
         if hook is not None:
             hook(f"{step}:after-chunk-link")
-    for chunk in range(hwm, end) if end > hwm else ():  # usually none: no empty range built
-        owners[chunk] = tag
-        if hook is not None:
-            hook(f"{step}:after-fresh-owner")
-        links[chunk] = chunk + 1 if chunk + 1 < end else NIL
-        if hook is not None:
-            hook(f"{step}:after-fresh-link")
+    if hook is None and end - hwm > 1:
+        # Fresh chunks (above the mark: unused until the mark moves) in two copies.
+        _fill(owners, hwm, end, tag)
+        links[hwm:end] = array("I", range(hwm + 1, end + 1))
+        links[end - 1] = NIL
+    else:
+        for chunk in range(hwm, end) if end > hwm else ():  # usually none: no range built
+            owners[chunk] = tag
+            if hook is not None:
+                hook(f"{step}:after-fresh-owner")
+            links[chunk] = chunk + 1 if chunk + 1 < end else NIL
+            if hook is not None:
+                hook(f"{step}:after-fresh-link")
     control[CTL_FREE_CHUNK] = free_mid
     if hook is not None:
         hook(f"{step}:after-free-chunk")
@@ -188,6 +225,10 @@ def free_chain(
         return
     owners, links = memory.owners, memory.links
     capacity = memory.geometry.chunk_capacity
+    if hook is None and count > 1 and memory.links_run(first, count):
+        _fill(owners, first, first + count, 0)  # a run (the usual chain): one copy
+        _push(memory, first + count - 1, first, free_head, hook, step)
+        return
     chunk = last = first
     for position in range(count):
         if chunk >= capacity:
@@ -198,7 +239,14 @@ def free_chain(
         last = chunk
         if position + 1 < count:
             chunk = links[chunk]
-    links[last] = free_head
+    _push(memory, last, first, free_head, hook, step)
+
+
+def _push(
+    memory: TableMemory, last: int, first: int, free_head: int, hook: Hook, step: str
+) -> None:
+    """Link a freed chain's ``last`` chunk to the stack, then make ``first`` its head."""
+    memory.links[last] = free_head
     if hook is not None:
         hook(f"{step}:after-free-link")
     memory.control[CTL_FREE_CHUNK] = first

@@ -11,7 +11,6 @@ value, chunks owned by the entry that points at them, checksums. A failed check 
 from __future__ import annotations
 
 import hashlib
-import itertools
 import struct
 import zlib
 from collections.abc import Iterator
@@ -384,7 +383,30 @@ class TableMemory:
             if first >= chunk_hwm or self.owners[first] != index + 1:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
             return 1
+        count = -(-length // self.chunk_size)
+        if self.owns_run(index, first, count, chunk_hwm):
+            return count
         return sum(1 for _chunk in self.chain(index, first, length))
+
+    def links_run(self, first: int, count: int) -> bool:
+        """Whether chunks ``first`` .. ``first + count - 1`` (all below the capacity) link each
+        to the next, in order: the usual shape of a chain, checked with two slice copies
+        instead of a Python step per chunk (~0.6 µs instead of ~2 µs for a 4 KB value)."""
+        end = first + count
+        if end > self.geometry.chunk_capacity:
+            return False
+        return count < 2 or self.links[first : end - 1].tolist() == list(range(first + 1, end))
+
+    def owns_run(self, index: int, first: int, count: int, chunk_hwm: int) -> bool:
+        """Whether entry ``index``'s chain is the run ``first`` .. ``first + count - 1``: every
+        chunk below ``chunk_hwm``, owned by the entry, and linked in order. False says only
+        "not a run": the caller then walks (and checks) the chain chunk by chunk."""
+        end = first + count
+        return (
+            end <= chunk_hwm
+            and self.owners[first:end].tolist().count(index + 1) == count
+            and self.links_run(first, count)
+        )
 
     def read_value(self, index: int, first: int, length: int) -> bytes:
         """Copy a value out of its chunks (the chain is checked as it is walked)."""
@@ -397,21 +419,23 @@ class TableMemory:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
             start = geometry.chunk_offset(first)
             return self.mm[start : start + length]
-        chunks = list(self.chain(index, first, length))
-        if chunks[-1] - chunks[0] == len(chunks) - 1 and all(
-            later == earlier + 1 for earlier, later in itertools.pairwise(chunks)
-        ):
-            # Chains are usually consecutive (fresh chunks come in order; a freed chain goes
-            # back on the stack in order): one copy instead of a slice per chunk plus a join.
+        if self.owns_run(index, first, -(-length // size), self.chunk_hwm()):
+            # Chains are usually runs (fresh chunks come in order; a freed chain goes back on
+            # the stack in order, and the next value of that size takes it): one copy instead of
+            # a slice per chunk plus a join.
             start = geometry.chunk_offset(first)
             return self.mm[start : start + length]
+        # Walk, check and copy in one loop (what :meth:`chain` checks, without its generator).
+        owners, links, mm = self.owners, self.links, self.mm
+        hwm, tag, base = self.chunk_hwm(), index + 1, self.chunks_offset
         parts = []
-        remaining = length
-        for chunk in chunks:
-            start = geometry.chunk_offset(chunk)
-            take = size if remaining > size else remaining
-            parts.append(self.mm[start : start + take])
-            remaining -= take
+        chunk = first
+        for position in range(0, length, size):
+            if chunk >= hwm or owners[chunk] != tag:
+                raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {chunk}")
+            start = base + chunk * size
+            parts.append(mm[start : start + min(size, length - position)])
+            chunk = links[chunk]
         return b"".join(parts)
 
     def write_value(self, first: int, value: bytes) -> None:
@@ -422,6 +446,10 @@ class TableMemory:
             if length:
                 start = self.chunks_offset + first * size  # Geometry.chunk_offset, inline
                 self.mm[start : start + length] = value
+            return
+        if self.links_run(first, -(-length // size)):
+            start = self.chunks_offset + first * size
+            self.mm[start : start + length] = value
             return
         view = memoryview(value)
         chunk = first
