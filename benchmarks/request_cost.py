@@ -96,7 +96,44 @@ def run_child(quick: bool) -> dict[str, Any]:
             start = clock()
             call(path)
             samples[path].append(clock() - start)
-    return {path: summarize(values).as_dict() for path, values in samples.items()}
+    out = {path: summarize(values).as_dict() for path, values in samples.items()}
+    out.update(_hot_and_cold_updates(call, rounds))
+    return out
+
+
+def _hot_and_cold_updates(call: Any, rounds: int) -> dict[str, Any]:
+    """One session update (load, change, save) timed right after another ("hot": what the
+    micro-benchmark measures) and right after two ``/ping`` requests ("cold": Django's request
+    code has evicted the engine's code and data from the CPU caches, as in a served request)."""
+    from importlib import import_module
+
+    from django.conf import settings
+
+    store = import_module(settings.SESSION_ENGINE).SessionStore
+    session = store()
+    session["count"] = 0
+    session.save()
+    key = session.session_key
+
+    def update() -> None:
+        current = store(key)
+        current["count"] = current.get("count", 0) + 1
+        current.save()
+
+    clock = time.perf_counter_ns
+    hot: list[int] = []
+    cold: list[int] = []
+    for _ in range(rounds):
+        update()
+        start = clock()
+        update()
+        hot.append(clock() - start)
+        call("/ping")
+        call("/ping")
+        start = clock()
+        update()
+        cold.append(clock() - start)
+    return {"update_hot": summarize(hot).as_dict(), "update_cold": summarize(cold).as_dict()}
 
 
 def run_backend(key: str, quick: bool) -> dict[str, Any]:
@@ -140,6 +177,8 @@ def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
                 fmt_us(med["/incr"] - med["/ping"]),
                 f"{100 * med['/ping'] / med['/']:.0f} %",
                 f"{100 * med['/ping'] / med['/incr']:.0f} %",
+                fmt_us(entry["paths"]["update_hot"]["median_us"]),
+                fmt_us(entry["paths"]["update_cold"]["median_us"]),
             ]
         )
     return "\n".join(
@@ -151,7 +190,10 @@ def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
             "",
             "Median µs per request, paths interleaved, with e2e.py's settings. The '% of ping' "
             "here is a lower bound of e2e's: gunicorn and the socket add the same cost to every "
-            "path, which raises the ratio.",
+            "path, which raises the ratio. The last two columns time one session update "
+            "(load, change, save) in the same process: right after another (hot, as in "
+            "micro.md) and right after two /ping requests (cold: Django's request code has "
+            "pushed the engine's code and data out of the CPU caches, as in a served request).",
             "",
             md_table(
                 [
@@ -163,6 +205,8 @@ def render(results: dict[str, Any], info: dict[str, str], quick: bool) -> str:
                     "/incr extra µs",
                     "/ as % of ping",
                     "/incr as % of ping",
+                    "update hot µs",
+                    "update cold µs",
                 ],
                 rows,
             ),
