@@ -738,22 +738,29 @@ class TableLock:
     def _wait_cooperatively(self, claim: _Claim, timeout: float) -> bool:
         """One wait of ``timeout`` seconds made of non-blocking tries and gevent-patched sleeps
         (so other greenlets run meanwhile); True if it took the semaphore."""
-        semaphore = self._semaphore
         deadline = time.monotonic() + timeout
-        while True:
-            try:
-                semaphore.acquire(0)
-            except posix_ipc.BusyError:
-                if time.monotonic() >= deadline:
-                    return False
-                time.sleep(COOPERATIVE_SLEEP)  # gevent's sleep: the hub runs other greenlets
-            except posix_ipc.Error:
-                raise  # the trywait itself failed: nothing was taken
-            except BaseException:  # a signal handler raised after the trywait took it
-                self._give_back(claim)
-                raise
-            else:
-                return True
+        while not self._try_take(claim):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(COOPERATIVE_SLEEP)  # gevent's sleep: the hub runs other greenlets
+        return True
+
+    def _try_take(self, claim: _Claim) -> bool:
+        """One trywait: True if this thread took the semaphore (the caller records it next,
+        with no Python call in between), False if it is busy.
+
+        :meth:`_run` keeps its own copy inline: it is the hot path.
+        """
+        try:
+            self._semaphore.acquire(0)
+        except posix_ipc.BusyError:
+            return False
+        except posix_ipc.Error:
+            raise  # the trywait itself failed: nothing was taken
+        except BaseException:  # a signal handler raised after the trywait took it
+            self._give_back(claim)
+            raise
+        return True
 
     # -- adoption ---------------------------------------------------------------------------------
 
@@ -804,16 +811,7 @@ class TableLock:
         epoch = control[CTL_LOCK_EPOCH]
         if self._scan(claim, None) == "holder":
             return False
-        try:
-            self._semaphore.acquire(0)
-        except posix_ipc.BusyError:
-            pass
-        except posix_ipc.Error:
-            raise  # the trywait itself failed: nothing was taken
-        except BaseException:  # a signal handler raised after the trywait took it
-            self._give_back(claim)
-            raise
-        else:
+        if self._try_take(claim):
             control[CTL_LOCK_HOLDER] = claim.token
             control[CTL_LOCK_EPOCH] += 1
             self._recorded(claim)
