@@ -5,32 +5,19 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from typing import Any
-from uuid import uuid4
 
 import pytest
 
-from django_shmsession import store
 from django_shmsession.table import SessionTable
 
+# The engine tests' autouse ``shm_name`` (a unique SHMSESSION table per test, unlinked after it)
+# serves these tests as it is.
+from ..engine.conftest import TEST_SIZE, shm_name, unique_name
 from ..table.helpers import FakeClock
 
-TEST_SIZE = "1M"
+__all__ = ["TEST_SIZE", "shm_name"]
 
 TableFactory = Callable[..., SessionTable]
-
-
-def unique_name() -> str:
-    return f"/shmtest-{uuid4().hex[:12]}"
-
-
-@pytest.fixture(autouse=True)
-def shm_name(settings: Any) -> Iterator[str]:
-    """Point SHMSESSION at a fresh, unique table; remove the segment when the test ends."""
-    name = unique_name()
-    settings.SHMSESSION = {"NAME": name, "SIZE": TEST_SIZE}
-    yield name
-    store.reset()
-    SessionTable.unlink_name(name)
 
 
 @pytest.fixture
