@@ -18,6 +18,7 @@ NAMES = (
     "l2_errors",
     "served_during_outage",
     "guard_drops",
+    "kept_newer",
 )
 (
     HITS,
@@ -28,6 +29,7 @@ NAMES = (
     L2_ERRORS,
     SERVED_DURING_OUTAGE,
     GUARD_DROPS,
+    KEPT_NEWER,  # the listener's: an invalidation older than the copy held, which it kept
 ) = range(len(NAMES))
 
 _counts = [0] * len(NAMES)

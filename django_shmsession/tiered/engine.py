@@ -21,16 +21,16 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
+from asgiref.sync import sync_to_async
 from django.contrib.sessions.backends.base import CreateError, UpdateError
 from django.core.signing import JSONSerializer
 
 from django_shmsession import backend, keys, serializers
 from django_shmsession.backend import AUTH_USER_KEY
-from django_shmsession.exceptions import TableFull, ValueTooLarge
-from django_shmsession.store import ANONYMOUS, SIGNED_IN, get_table
-from django_shmsession.table import SessionTable
+from django_shmsession.exceptions import TableFull, ValueTooLarge, WouldBlock
+from django_shmsession.store import ANONYMOUS, SIGNED_IN, get_table, get_table_inline
 
 from . import codec, counters, hoststats, words
 from .config import get_tiered_config
@@ -39,6 +39,29 @@ from .runtime import get_l2
 
 logger = logging.getLogger("django_shmsession")
 _TIMEOUT_US = words.LISTENER_TIMEOUT * 1_000_000
+_T = TypeVar("_T")
+
+
+class L1(Protocol):
+    """The table operations the engine uses: a ``SessionTable``, or its inline view."""
+
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def max_value_size(self) -> int: ...
+
+    def get(self, key: str) -> bytes | None: ...
+
+    def set(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> None: ...
+
+    def add(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool: ...
+
+    def replace(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool: ...
+
+    def delete(self, key: str) -> bool: ...
+
+    def read_app_word(self, index: int) -> int: ...
 
 
 class SessionStore(backend.SessionStore):
@@ -66,7 +89,7 @@ class SessionStore(backend.SessionStore):
         copy = None if value is None else codec.decode(value)
         if copy is None:
             counters.count(counters.MISSES)
-            return self._fill(table, key, now)
+            return self._fill(table, key, now, absent=value is None)
         # The hot path (an L1 hit), inline: confirmed within MAX_STALENESS, listener beating.
         if (
             now - copy[1] < get_tiered_config().max_staleness
@@ -82,7 +105,7 @@ class SessionStore(backend.SessionStore):
         return self._after_revalidation(table, key, copy, version, now)
 
     def _after_revalidation(
-        self, table: SessionTable, key: str, copy: codec.L1Copy, version: int | None, now: float
+        self, table: L1, key: str, copy: codec.L1Copy, version: int | None, now: float
     ) -> dict[str, Any] | None:
         if version is None:
             table.delete(key)
@@ -107,31 +130,38 @@ class SessionStore(backend.SessionStore):
             return self._decode(copy.payload)
         raise err
 
-    def _fill(self, table: SessionTable, key: str, now: float) -> dict[str, Any] | None:
+    def _fill(self, table: L1, key: str, now: float, absent: bool = False) -> dict[str, Any] | None:
         before = words.guard(table, key)
         try:
             record = get_l2().fetch(key)
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
             raise
-        return self._filled(table, key, record, now, before)
+        return self._filled(table, key, record, now, before, absent=absent)
 
     def _filled(
         self,
-        table: SessionTable,
+        table: L1,
         key: str,
         record: L2Record | None,
         now: float,
         before: int,
         recheck: bool = True,
+        absent: bool = False,
     ) -> dict[str, Any] | None:
+        """Store what L2 returned. After a miss (``absent``) only if L1 still has no copy: one
+        stored meanwhile came from a save on this host, at least as new as this read, and the
+        listener may already have let it stand, so overwriting it could bring back an older
+        version that no invalidation would ever remove."""
         if record is None:
             table.delete(key)
             return None
         data = self._decode(record.payload)
         if data is not None:
             value = codec.encode(record.version, now, record.expires_at, record.payload)
-            self._store_copy(table, key, value, record.expires_at, before, _priority(data), recheck)
+            self._store_copy(
+                table, key, value, record.expires_at, before, _priority(data), recheck, absent
+            )
         return data
 
     def _decode(self, payload: bytes) -> dict[str, Any] | None:
@@ -187,8 +217,8 @@ class SessionStore(backend.SessionStore):
         """
         if self.session_key is None:
             return self.create()
-        payload, expires_at, key = self._prepare(must_create)
         table = get_table()
+        payload, expires_at, key = self._prepare(must_create, table.max_value_size)
         hoststats.maybe_publish(table)
         before = words.guard(table, key)
         now = time.time()
@@ -202,9 +232,11 @@ class SessionStore(backend.SessionStore):
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
             raise
+        if version is not None:
+            counters.count(counters.L2_WRITES)
         self._saved(table, key, version, must_create, payload, expires_at, now, before)
 
-    def _prepare(self, must_create: bool) -> tuple[bytes, float, str]:
+    def _prepare(self, must_create: bool, max_value_size: int) -> tuple[bytes, float, str]:
         data = self._get_session(no_load=must_create)
         serializer = self.serializer
         payload = (
@@ -214,14 +246,14 @@ class SessionStore(backend.SessionStore):
         key = self.session_key
         if key is None:  # loading found it gone: an update must not resurrect it
             raise UpdateError
-        limit = get_table().max_value_size - codec.HEADER_SIZE
+        limit = max_value_size - codec.HEADER_SIZE
         if len(payload) > limit:
             raise backend._too_large(ValueTooLarge(len(payload), limit))
         return payload, expires_at, key
 
     def _saved(
         self,
-        table: SessionTable,
+        table: L1,
         key: str,
         version: int | None,
         must_create: bool,
@@ -236,24 +268,26 @@ class SessionStore(backend.SessionStore):
                 raise CreateError
             table.delete(key)  # gone in L2: so must any copy here be
             raise UpdateError
-        counters.count(counters.L2_WRITES)
         value = codec.encode(version, now, expires_at, payload)
         priority = _priority(self._get_session(no_load=True))
         self._store_copy(table, key, value, expires_at, before, priority, recheck)
 
     def _store_copy(
         self,
-        table: SessionTable,
+        table: L1,
         key: str,
         value: bytes,
         expires_at: float,
         before: int,
         priority: int,
         recheck: bool = True,
+        absent: bool = False,
     ) -> None:
-        """Store an L1 copy; if the listener invalidated its stripe meanwhile, keep it only if
-        L2 still has that version (the invalidation was this very write, or another key's)."""
-        if not _write_l1(table, table.set, key, value, expires_at, priority):
+        """Store an L1 copy (``absent``: only if there is none); if the listener invalidated
+        its stripe meanwhile, keep it only if L2 still has that version (the invalidation was
+        this very write, an older one, or another key's)."""
+        write = table.add if absent else table.set
+        if not _write_l1(table, write, key, value, expires_at, priority):
             return
         if words.guard(table, key) == before:
             return
@@ -293,7 +327,12 @@ class SessionStore(backend.SessionStore):
         get_l2().clear_expired()
         get_table().clear_expired()
 
-    # -- async (Django 5.1+): L1 work runs inline (microseconds), L2 calls are awaited ----------
+    # -- async (Django 5.1+): L1 work runs inline on the loop when it needs no wait, L2 calls
+    # are awaited. Each L1 step below is a function of the table that `_l1` runs on the
+    # table's inline view (SessionTable.inline: WouldBlock, before anything was done, where the
+    # lock would have to be waited for or the table opened), or, when that raises, runs again
+    # whole in a thread on the table itself. A step does no L2 call and is safe to run twice
+    # (its writes store the same values; at worst a counter counts twice).
 
     async def aload(self) -> dict[str, Any]:
         key = self.session_key
@@ -304,14 +343,13 @@ class SessionStore(backend.SessionStore):
         return data
 
     async def _aload_tiered(self, key: str) -> dict[str, Any] | None:
-        table = get_table()
-        hoststats.maybe_publish(table)
         now = time.time()
-        copy = _l1_copy(table, key)
+        value, trusted, before = await _l1(_look, key, now)
+        copy = None if value is None else codec.decode(value)
         l2 = get_l2()
         if copy is None:
             counters.count(counters.MISSES)
-        elif _trusted(table, copy, now):
+        elif trusted:
             counters.count(counters.HITS)
             return self._decode(copy.payload)
         else:
@@ -321,23 +359,21 @@ class SessionStore(backend.SessionStore):
             except L2Unavailable as err:
                 return self._served_during_outage(copy, now, err)
             if version is None or version == copy.version:
-                return self._after_revalidation(table, key, copy, version, now)
+                return await _l1(self._after_revalidation, key, copy, version, now)
             counters.count(counters.REFETCHES)
-        before = words.guard(table, key)
         try:
             record = await l2.afetch(key)
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
             raise
         # No second L2 call on the loop: a copy whose stripe moved is simply dropped.
-        return self._filled(table, key, record, now, before, recheck=False)
+        return await _l1(self._filled, key, record, now, before, False, value is None)
 
     async def aexists(self, session_key: str | None) -> bool:
         if not keys.is_valid_key(session_key):
             return False
-        table = get_table()
-        copy = _l1_copy(table, session_key)
-        if copy is not None and _trusted(table, copy, time.time()):
+        _, trusted, _ = await _l1(_look, session_key, time.time())
+        if trusted:
             return True
         return await get_l2().aversion(session_key) is not None
 
@@ -356,9 +392,9 @@ class SessionStore(backend.SessionStore):
             return await self.acreate()
         if not must_create and "_session_cache" not in self.__dict__:
             self._session_cache = await self.aload()  # load off the loop, not in _prepare
-        payload, expires_at, key = self._prepare(must_create)
-        table = get_table()
-        before = words.guard(table, key)
+        key = self.session_key
+        limit, before = await _l1(_begin_save, "" if key is None else key)
+        payload, expires_at, key = self._prepare(must_create, limit)
         now = time.time()
         l2 = get_l2()
         try:
@@ -370,9 +406,9 @@ class SessionStore(backend.SessionStore):
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
             raise
-        self._saved(
-            table, key, version, must_create, payload, expires_at, now, before, recheck=False
-        )
+        if version is not None:
+            counters.count(counters.L2_WRITES)
+        await _l1(self._saved, key, version, must_create, payload, expires_at, now, before, False)
 
     async def adelete(self, session_key: str | None = None) -> None:
         if session_key is None:
@@ -386,13 +422,83 @@ class SessionStore(backend.SessionStore):
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
             raise
-        get_table().delete(session_key)
+        await _l1(_delete, session_key)
 
     @classmethod
     async def aclear_expired(cls) -> None:
-        from asgiref.sync import sync_to_async
-
         await sync_to_async(cls.clear_expired, thread_sensitive=False)()
+
+
+class _Inline:
+    """A table whose operations never wait: each raises WouldBlock instead, before doing
+    anything (``SessionTable.inline``). The application words are lock-free loads."""
+
+    def __init__(self, table: Any) -> None:
+        self._table = table
+
+    @property
+    def name(self) -> str:
+        return str(self._table.name)
+
+    @property
+    def max_value_size(self) -> int:
+        return int(self._table.max_value_size)
+
+    def get(self, key: str) -> bytes | None:
+        table = self._table
+        found: bytes | None = table.inline(table.get, key)
+        return found
+
+    def set(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> None:
+        table = self._table
+        table.inline(table.set, key, value, expires_at, priority)
+
+    def add(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool:
+        table = self._table
+        return bool(table.inline(table.add, key, value, expires_at, priority))
+
+    def replace(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool:
+        table = self._table
+        return bool(table.inline(table.replace, key, value, expires_at, priority))
+
+    def delete(self, key: str) -> bool:
+        table = self._table
+        return bool(table.inline(table.delete, key))
+
+    def read_app_word(self, index: int) -> int:
+        return int(self._table.read_app_word(index))
+
+
+async def _l1(step: Callable[..., _T], *args: Any) -> _T:
+    """Run ``step(table, *args)`` inline on the loop if no table call in it must wait, else
+    again whole in a thread (the one place an async method may wait for the table)."""
+    try:
+        return step(_Inline(get_table_inline()), *args)
+    except WouldBlock:
+        return await sync_to_async(_on_table, thread_sensitive=False)(step, *args)
+
+
+def _on_table(step: Callable[..., _T], *args: Any) -> _T:
+    return step(get_table(), *args)
+
+
+def _look(table: L1, key: str, now: float) -> tuple[bytes | None, bool, int]:
+    """The raw L1 value, whether its copy may be served without asking L2, and the key's guard
+    (read before any L2 call that may fill L1)."""
+    hoststats.maybe_publish(table)
+    value = table.get(key)
+    copy = None if value is None else codec.decode(value)
+    trusted = copy is not None and _trusted(table, copy, now)
+    return value, trusted, words.guard(table, key)
+
+
+def _begin_save(table: L1, key: str) -> tuple[int, int]:
+    hoststats.maybe_publish(table)
+    return table.max_value_size, words.guard(table, key)
+
+
+def _delete(table: L1, key: str) -> bool:
+    return table.delete(key)
 
 
 def _priority(data: dict[str, Any] | None) -> int:
@@ -401,7 +507,7 @@ def _priority(data: dict[str, Any] | None) -> int:
 
 
 def _write_l1(
-    table: SessionTable,
+    table: L1,
     write: Callable[[str, bytes, float, int], bool | None],
     key: str,
     value: bytes,
@@ -423,12 +529,12 @@ def _write_l1(
         return False
 
 
-def _l1_copy(table: SessionTable, key: str) -> codec.L1Copy | None:
+def _l1_copy(table: L1, key: str) -> codec.L1Copy | None:
     value = table.get(key)
     return None if value is None else codec.decode(value)
 
 
-def _trusted(table: SessionTable, copy: codec.L1Copy, now: float) -> bool:
+def _trusted(table: L1, copy: codec.L1Copy, now: float) -> bool:
     """Served without asking L2: confirmed within MAX_STALENESS, and the listener is up."""
     return now - copy.confirmed_at < get_tiered_config().max_staleness and words.listener_up(
         table, now

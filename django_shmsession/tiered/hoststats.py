@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from typing import Any
+from typing import Any, Protocol
 
 from django_shmsession.table import SessionTable
 
@@ -25,7 +25,11 @@ KEEP = 3600.0
 _next_publish = 0.0
 
 
-def maybe_publish(table: SessionTable) -> None:
+class _Settable(Protocol):
+    def set(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> None: ...
+
+
+def maybe_publish(table: _Settable) -> None:
     """Publish this process's counts if PUBLISH_INTERVAL has passed (one clock read otherwise)."""
     global _next_publish
     now = time.monotonic()
@@ -35,7 +39,7 @@ def maybe_publish(table: SessionTable) -> None:
     publish(table)
 
 
-def publish(table: SessionTable) -> None:
+def publish(table: _Settable) -> None:
     value = json.dumps(counters.snapshot(), separators=(",", ":")).encode()
     table.set(f"{PREFIX}{os.getpid()}", value, time.time() + KEEP)
 

@@ -2,8 +2,13 @@
 
 It subscribes to L2's invalidations (Redis pub/sub, PostgreSQL LISTEN) and drops from L1 every
 copy another host changed: an invalidation carries the key and the new version (0 for a
-delete), and a copy of exactly that version (this host's own write) is kept. Before dropping,
-it bumps the key's guard stripe, so a worker's fill in flight cannot put an older copy back
+delete). A copy of exactly that version (this host's own write) is kept, and so is a copy of a
+*later* version: L2 numbers the writes of one session in increasing order (a Redis counter; on
+PostgreSQL the row's version + 1 inside the UPDATE), and invalidations arrive in commit order,
+so an invalidation older than the copy is news the host already has (typically its own write,
+reaching a listener that runs behind the workers). Dropping it would send the next request to
+L2 for nothing. Unless the copy is of exactly the notified version, the listener first bumps
+the key's guard stripe, so a worker's fill or save in flight cannot put an older copy back
 (:mod:`.words`).
 
 It records a heartbeat in the segment: the time L2 last answered a ping on the subscription,
@@ -34,7 +39,7 @@ from django_shmsession import conf, keys, store
 from django_shmsession.segment import PairIdentity
 from django_shmsession.table import SessionTable
 
-from . import codec, words
+from . import codec, counters, hoststats, words
 from .config import get_tiered_config
 from .l2 import DELETED, Invalidation, L2Error, Subscription
 from .runtime import make_l2
@@ -122,6 +127,7 @@ class Listener:
                     self._apply(self._table or table, invalidation)
                 table = self._current_table()
                 self._beat(table, sub)
+                hoststats.maybe_publish(table)
         finally:
             sub.close()
 
@@ -155,9 +161,17 @@ class Listener:
         words.increment(table, words.INVALIDATIONS)
         if not keys.is_valid_key(key):
             return
-        if version != DELETED and codec.version_of(table.get(key)) == version:
+        held = codec.version_of(table.get(key))
+        if version != DELETED and held == version:
             return  # this host's own write: the copy is that very version
+        # Bump even when the copy is kept: a fill or save in flight on this stripe may be
+        # about to store an older version over it, and must check with L2 before keeping it.
         words.bump_guard(table, key)
+        if version != DELETED and held is not None and held > version:
+            # A later write of this session is already here (a listener behind its own host's
+            # workers): dropping it would only send the next request to L2.
+            counters.count(counters.KEPT_NEWER)
+            return
         table.delete(key)
 
     def _mark_down(self) -> None:

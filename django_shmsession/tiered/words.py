@@ -39,10 +39,14 @@ HEARTBEAT_INTERVAL = 0.1
 LISTENER_TIMEOUT = 0.5
 
 
-class AppWords(Protocol):
-    """The part of ``SessionTable`` this module uses."""
+class ReadWords(Protocol):
+    """The part of ``SessionTable`` workers use: they only read the words."""
 
     def read_app_word(self, index: int) -> int: ...
+
+
+class AppWords(ReadWords, Protocol):
+    """The part of ``SessionTable`` the listener uses."""
 
     def write_app_word(self, index: int, value: int) -> None: ...
 
@@ -51,7 +55,7 @@ def now_us() -> int:
     return int(time.time() * 1_000_000)
 
 
-def listener_up(table: AppWords, now: float | None = None) -> bool:
+def listener_up(table: ReadWords, now: float | None = None) -> bool:
     """True while the host's listener is subscribed and heard L2 within LISTENER_TIMEOUT."""
     beat = table.read_app_word(HEARTBEAT)
     if beat == 0:
@@ -60,7 +64,7 @@ def listener_up(table: AppWords, now: float | None = None) -> bool:
     return current * 1_000_000 - beat < LISTENER_TIMEOUT * 1_000_000
 
 
-def heartbeat_age(table: AppWords) -> float | None:
+def heartbeat_age(table: ReadWords) -> float | None:
     """Seconds since the last heartbeat, None when the listener has stopped (or never ran)."""
     beat = table.read_app_word(HEARTBEAT)
     return None if beat == 0 else max(0.0, time.time() - beat / 1_000_000)
@@ -71,7 +75,7 @@ def stripe(key: str) -> int:
     return GUARD_FIRST + (zlib.crc32(key.encode()) % GUARD_STRIPES)
 
 
-def guard(table: AppWords, key: str) -> int:
+def guard(table: ReadWords, key: str) -> int:
     """The current guard count of ``key``'s stripe (compare before and after an L1 fill)."""
     return table.read_app_word(stripe(key))
 

@@ -4,6 +4,8 @@ coroutines of the same loop keep running."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import threading
 import time
 from typing import Any
@@ -110,3 +112,47 @@ def test_async_outage_raises(settings: Any, redis_tiered: str) -> None:
             asyncio.run(SessionStore().asave())
     finally:
         server.cleanup()
+
+
+@pytest.mark.parametrize("engine", ["redis", "db"])
+def test_l1_waits_happen_off_the_loop(request: Any, engine: str, shm_name: str) -> None:
+    """The table's lock held by a frozen process: the async methods' L1 steps raise
+    WouldBlock inline (SessionTable.inline) and run in a thread, so the loop keeps ticking;
+    once the holder goes on, they complete with the session. Uncontended, the same calls run
+    inline and take no thread."""
+    from django_shmsession import store
+    from tests.engine.test_nonblocking import frozen_lock_holder
+
+    request.getfixturevalue("redis_tiered" if engine == "redis" else "db_tiered")
+    request.getfixturevalue("listener")
+    s = SessionStore()
+    s["a"] = 1
+    s.save()
+    key = s.session_key or ""
+    store.get_table()  # open in this process (the first open itself goes to a thread)
+
+    async def uncontended() -> None:
+        before = threading.active_count()
+        assert await SessionStore(key).aload() == {"a": 1}
+        assert await SessionStore(key).aexists(key)
+        assert threading.active_count() == before
+
+    asyncio.run(uncontended())
+
+    async def contended() -> tuple[Any, int]:
+        loaded = await ticks_during(SessionStore(key).aload())
+        other = SessionStore(key)
+        await other.aset("a", 2)
+        await other.asave()
+        return loaded
+
+    with frozen_lock_holder(store.get_table().name) as holder:
+        timer = threading.Timer(0.5, os.kill, (holder.pid, signal.SIGCONT))
+        timer.start()
+        try:
+            (data, ticks) = asyncio.run(contended())
+        finally:
+            timer.join()
+    assert data == {"a": 1}
+    assert ticks >= 20, f"the loop ticked only {ticks} times while L1 waited for its lock"
+    assert SessionStore(key).load() == {"a": 2}
