@@ -114,8 +114,12 @@ class SessionStore(backend.SessionStore):
             counters.count(counters.REFETCHES)
             return self._fill(table, key, now)
         # ``replace`` cannot resurrect a copy the listener dropped meanwhile (it is then a miss
-        # next time); one it drops afterwards is gone anyway.
+        # next time); one it drops afterwards is gone anyway. A copy a save on this host stored
+        # during the round trip is newer than this one: it is left alone (re-read just before:
+        # the table has no compare-and-set, so a few microseconds of that window remain).
         data = self._decode(copy.payload)
+        if codec.version_of(table.get(key)) != copy.version:
+            return data
         refreshed = codec.encode(version, now, copy.expires_at, copy.payload)
         _write_l1(table, table.replace, key, refreshed, copy.expires_at, _priority(data))
         return data
@@ -217,8 +221,8 @@ class SessionStore(backend.SessionStore):
         """
         if self.session_key is None:
             return self.create()
+        payload, expires_at, key = self._prepare(must_create)
         table = get_table()
-        payload, expires_at, key = self._prepare(must_create, table.max_value_size)
         hoststats.maybe_publish(table)
         before = words.guard(table, key)
         now = time.time()
@@ -236,7 +240,11 @@ class SessionStore(backend.SessionStore):
             counters.count(counters.L2_WRITES)
         self._saved(table, key, version, must_create, payload, expires_at, now, before)
 
-    def _prepare(self, must_create: bool, max_value_size: int) -> tuple[bytes, float, str]:
+    def _prepare(
+        self, must_create: bool, max_value_size: int | None = None
+    ) -> tuple[bytes, float, str]:
+        """Serialize the session (loading it first if needed) and check its size; the async
+        path passes the table's ``max_value_size``, read in an inline L1 step."""
         data = self._get_session(no_load=must_create)
         serializer = self.serializer
         payload = (
@@ -246,6 +254,8 @@ class SessionStore(backend.SessionStore):
         key = self.session_key
         if key is None:  # loading found it gone: an update must not resurrect it
             raise UpdateError
+        if max_value_size is None:
+            max_value_size = get_table().max_value_size
         limit = max_value_size - codec.HEADER_SIZE
         if len(payload) > limit:
             raise backend._too_large(ValueTooLarge(len(payload), limit))

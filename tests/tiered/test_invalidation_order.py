@@ -209,3 +209,21 @@ def test_postgres_poll_returns_what_came_during_the_heartbeat(db_tiered: str) ->
         assert time.monotonic() - started < 1.0
     finally:
         sub.close()
+
+
+def test_revalidation_does_not_overwrite_a_copy_saved_meanwhile(l2_kind: str) -> None:
+    """A read revalidated copy v with L2 (still v); meanwhile a save on this host stored v+1:
+    refreshing the copy's confirmation time must not put v back over it."""
+    key = saved(n=1).session_key or ""
+    table = store.get_table()
+    copy = codec.decode(table.get(key) or b"")
+    assert copy is not None
+    newer = SessionStore(key)
+    newer["n"] = 2
+    newer.save()
+    stored = held_version(key)
+    assert stored is not None
+    assert stored != copy.version
+    data = SessionStore(key)._after_revalidation(table, key, copy, copy.version, time.time())
+    assert data == {"n": 1}
+    assert held_version(key) == stored
