@@ -503,7 +503,8 @@ def _look(table: L1, key: str, now: float) -> tuple[bytes | None, bool, int]:
 
 
 def _begin_save(table: L1, key: str) -> tuple[int, int]:
-    hoststats.maybe_publish(table)
+    """The table's value limit and the key's guard, before the L2 write (no counters are
+    published here: the async path publishes on loads only, as before)."""
     return table.max_value_size, words.guard(table, key)
 
 
