@@ -37,7 +37,7 @@ __all__ = ["ChunkPlan", "apply_chunks", "free_chain", "plan_chunks", "plan_entry
 #: What :func:`plan_chunks` returns, in the order of the intent's fields ``chunks`` ..
 #: ``first``: (chunks, stack_taken, last_stack, last_link, free_chunk, free_chunk_mid,
 #: chunk_hwm, first). A plain tuple: it goes straight into the record.
-ChunkPlan = tuple[int, int, int, int, int, int, int, int]
+ChunkPlan = tuple[int, int, int, int, int, int, int, int, int]
 
 
 def plan_entry(memory: TableMemory, free_entry: int, entry_hwm: int) -> tuple[int, int, int]:
@@ -62,22 +62,26 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
 
     ``head`` and ``hwm`` are the checked free-chunk head and chunk high-water mark
     (:meth:`TableMemory.words`). Stacked chunks are taken first, then fresh ones at the mark.
+
+    The first eight fields are what the intent records; the ninth (not recorded) is 1 when the
+    stacked chunks taken were checked to be a run, so :func:`apply_chunks`, in the same lock
+    hold, need not check again.
     """
     if count == 0:
-        return 0, 0, NIL, NIL, head, head, hwm, NIL
+        return 0, 0, NIL, NIL, head, head, hwm, NIL, 0
     links, owners = memory.links, memory.owners
     if count == 1 and head != NIL and head < hwm and owners[head] == 0:
         # The usual case (a small value, a chunk on the stack): the loop below, unrolled.
         following = links[head]
         if following == NIL or following < hwm:
-            return 1, 1, head, following, head, following, hwm, head
+            return 1, 1, head, following, head, following, hwm, head, 0
     if head != NIL and _stack_run(memory, head, count, hwm):
         # The usual case for a larger value: the stack's top ``count`` chunks are a run (the
         # chain an update of the same size just freed). Distinct by construction: no cycle set.
         last = head + count - 1
         following = links[last]
         if following == NIL or following < hwm:
-            return count, count, last, following, head, following, hwm, head
+            return count, count, last, following, head, following, hwm, head, 1
     seen: set[int] | None = None if count == 1 else set()
     taken, last, chunk = 0, NIL, head
     while taken < count and chunk != NIL:
@@ -92,8 +96,8 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
     if hwm + count - taken > memory.geometry.chunk_capacity:
         raise CorruptTable("no free chunk although the free count said there was one")
     if taken == 0:
-        return count, 0, NIL, NIL, head, head, hwm, hwm
-    return count, taken, last, chunk, head, chunk, hwm, head
+        return count, 0, NIL, NIL, head, head, hwm, hwm, 0
+    return count, taken, last, chunk, head, chunk, hwm, head, 0
 
 
 def _stack_run(memory: TableMemory, head: int, count: int, hwm: int) -> bool:
@@ -138,23 +142,19 @@ def undo_take_entry(memory: TableMemory, intent: Intent, hook: Hook, step: str) 
 
 def apply_chunks(
     memory: TableMemory, hook: Hook, step: str, index: int, plan: ChunkPlan, chunks_used: int
-) -> None:
+) -> bool:
     """Take the planned chunks for entry ``index``: owners, the one link, then the words.
 
-    ``plan`` is exactly what the intent records (:func:`plan_chunks`), ``chunks_used`` the
-    recorded old count, so the undo puts back what this overwrites.
+    ``plan`` is :func:`plan_chunks`'s (its first eight fields are what the intent records),
+    ``chunks_used`` the recorded old count, so the undo puts back what this overwrites.
+    Returns whether the new chain is a run (so the value is written with one copy).
     """
-    count, taken, last_stack, _last_link, chunk, free_mid, hwm, _first = plan
+    count, taken, last_stack, _last_link, chunk, free_mid, hwm, _first, stack_run = plan
     if count == 0:
-        return
+        return False
     control, links, owners = memory.control, memory.links, memory.owners
     tag = index + 1
-    if (
-        hook is None
-        and taken > 1
-        and last_stack == chunk + taken - 1
-        and memory.links_run(chunk, taken)
-    ):
+    if hook is None and stack_run:
         _fill(owners, chunk, chunk + taken, tag)  # a run: one copy (as the loop, minus hooks)
     else:
         for _ in range(taken):
@@ -189,6 +189,8 @@ def apply_chunks(
     control[CTL_CHUNKS_USED] = chunks_used + count
     if hook is not None:
         hook(f"{step}:after-chunks-used")
+    # Fresh chunks link in order, and the stack's last taken chunk links to the first of them.
+    return bool(stack_run or taken == 0) and (end == hwm or taken == 0 or last_stack + 1 == hwm)
 
 
 def undo_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
@@ -217,15 +219,27 @@ def undo_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> N
 
 
 def free_chain(
-    memory: TableMemory, first: int, count: int, free_head: int, hook: Hook, step: str
+    memory: TableMemory,
+    first: int,
+    count: int,
+    free_head: int,
+    run: bool | None,
+    hook: Hook,
+    step: str,
 ) -> None:
     """Push the chain of ``count`` chunks at ``first`` onto the free stack whose head is
-    ``free_head`` (idempotent: the links inside the chain are kept, only the last is set)."""
+    ``free_head`` (idempotent: the links inside the chain are kept, only the last is set).
+
+    ``run`` is what :meth:`TableMemory.chain_span` said of the chain in this lock hold (None
+    when not known, as in recovery: then it is checked here).
+    """
     if count == 0:
         return
     owners, links = memory.owners, memory.links
     capacity = memory.geometry.chunk_capacity
-    if hook is None and count > 1 and memory.links_run(first, count):
+    if run is None:
+        run = count > 1 and memory.links_run(first, count)
+    if hook is None and run:
         _fill(owners, first, first + count, 0)  # a run (the usual chain): one copy
         _push(memory, first + count - 1, first, free_head, hook, step)
         return

@@ -370,23 +370,24 @@ class TableMemory:
             yield chunk
             chunk = links[chunk]
 
-    def chain_length(self, index: int, first: int, length: int, chunk_hwm: int) -> int:
-        """How many chunks entry ``index``'s value has, its chain checked (fast for one).
+    def chain_span(self, index: int, first: int, length: int, chunk_hwm: int) -> tuple[int, bool]:
+        """(chunk count, whether the chain is a run) of entry ``index``'s value, checked.
 
-        ``chunk_hwm`` is the checked high-water mark the caller already read (:meth:`words`).
+        A writer that frees the chain later in the same lock hold passes the answer on, so the
+        chain is not checked for being a run twice (nothing else touches it in between).
         """
         if length > self.data_capacity:
             raise CorruptTable(f"entry {index} claims a {length}-byte value")
         if length <= self.chunk_size:
             if length == 0:
-                return 0
+                return 0, False
             if first >= chunk_hwm or self.owners[first] != index + 1:
                 raise CorruptTable(f"entry {index} has a broken chunk chain at chunk {first}")
-            return 1
+            return 1, False
         count = -(-length // self.chunk_size)
         if self.owns_run(index, first, count, chunk_hwm):
-            return count
-        return sum(1 for _chunk in self.chain(index, first, length))
+            return count, True
+        return sum(1 for _chunk in self.chain(index, first, length)), False
 
     def links_run(self, first: int, count: int) -> bool:
         """Whether chunks ``first`` .. ``first + count - 1`` (all below the capacity) link each
@@ -395,7 +396,7 @@ class TableMemory:
         end = first + count
         if end > self.geometry.chunk_capacity:
             return False
-        return count < 2 or self.links[first : end - 1].tolist() == list(range(first + 1, end))
+        return count < 2 or self.links[first : end - 1].tolist() == [*range(first + 1, end)]
 
     def owns_run(self, index: int, first: int, count: int, chunk_hwm: int) -> bool:
         """Whether entry ``index``'s chain is the run ``first`` .. ``first + count - 1``: every
@@ -438,11 +439,15 @@ class TableMemory:
             chunk = links[chunk]
         return b"".join(parts)
 
-    def write_value(self, first: int, value: bytes) -> None:
-        """Copy ``value`` into a chain that was just allocated (so it is trusted)."""
+    def write_value(self, first: int, value: bytes, run: bool = False) -> None:
+        """Copy ``value`` into a chain that was just allocated (so it is trusted).
+
+        ``run`` says the chain is a run (``apply_chunks`` knows): one copy instead of a
+        copy per chunk.
+        """
         size = self.chunk_size
         length = len(value)
-        if length <= size:
+        if length <= size or run:
             if length:
                 start = self.chunks_offset + first * size  # Geometry.chunk_offset, inline
                 self.mm[start : start + length] = value

@@ -147,8 +147,9 @@ FAULT_POINTS: tuple[str, ...] = (
 
 #: (entries, chunks used, value bytes) after a write: what its last stores set.
 Counts = tuple[int, int, int]
-#: (first chunk, chunk count, free-stack head to push them on) of a chain a write frees.
-Freed = tuple[int, int, int]
+#: (first chunk, chunk count, free-stack head to push them on, whether it is a run: None when
+#: not known) of a chain a write frees.
+Freed = tuple[int, int, int, bool | None]
 
 
 def _record(
@@ -172,7 +173,7 @@ def _record(
     # Flat unpacking and one tuple display: star-unpacking into the record costs twice as much.
     old_active, from_hwm, entry, bucket, pred, succ = head
     free_entry, _free_chunk, entry_hwm, _chunk_hwm, entries, used, value_bytes = words
-    count, taken, last_stack, last_link, free_chunk, free_mid, chunk_hwm, first = chunks
+    count, taken, last_stack, last_link, free_chunk, free_mid, chunk_hwm, first, _run = chunks
     freed_first, freed_count, length, old_length = freed
     counts = (
         entries + _ENTRY_DELTA[op],
@@ -271,10 +272,10 @@ def insert(
     log.arm(record)
     if hook is not None:
         hook("insert:after-arm")
-    apply_chunks(memory, hook, "insert", index, plan, words[5])
+    run = apply_chunks(memory, hook, "insert", index, plan, words[5])
     take_entry(memory, hook, "insert", index, from_hwm, succ)
     first = plan[7]
-    memory.write_value(first, value)
+    memory.write_value(first, value, run)
     if hook is not None:
         hook("insert:after-value")
     memory.write_head(index, key, key_hash, memory.buckets[bucket])
@@ -340,7 +341,7 @@ def update(
     only this entry's chain link), so they are not read again.
     """
     _expiry, old_length, old_first, _crc = old
-    freed = memory.chain_length(index, old_first, old_length, words[3])  # checked
+    freed, freed_run = memory.chain_span(index, old_first, old_length, words[3])  # checked
     freed_first = old_first if freed else NIL
     length = len(value)
     count = -(-length // memory.chunk_size)  # Geometry.chunks_for, inline
@@ -359,9 +360,9 @@ def update(
     log.arm(record)
     if hook is not None:
         hook("update:after-arm")
-    apply_chunks(memory, hook, "update", index, plan, words[5])
+    run = apply_chunks(memory, hook, "update", index, plan, words[5])
     first = plan[7]
-    memory.write_value(first, value)
+    memory.write_value(first, value, run)
     if hook is not None:
         hook("update:after-value")
     memory.write_descriptor(index, 1 - active, expires_at, length, first, crc, priority)
@@ -370,7 +371,7 @@ def update(
     memory.set_active(index, 1 - active)  # commit
     if hook is not None:
         hook("update:after-commit")
-    _finish_update(memory, hook, "update", (freed_first, freed, plan[5]), counts)
+    _finish_update(memory, hook, "update", (freed_first, freed, plan[5], freed_run), counts)
     hints.updated(index, expires_at, old_priority, priority)
     log.disarm()
     if hook is not None:
@@ -410,7 +411,7 @@ def delete(
         raise CorruptTable(f"entry {index} is not in use")
     _expiry, length, first, _crc = descriptor_of(index, fields)  # active checked
     words = memory.words()
-    freed = memory.chain_length(index, first, length, words[3])  # checked
+    freed, freed_run = memory.chain_span(index, first, length, words[3])  # checked
     freed_first = first if freed else NIL
     bucket = fields[F_HASH] & memory.mask
     pred = predecessor(memory, bucket, index)
@@ -441,7 +442,7 @@ def delete(
         (bucket, pred, succ),
         index,
         words[0],
-        (freed_first, freed, words[1]),
+        (freed_first, freed, words[1], freed_run),
         counts,
     )
     hints.deleted(priority_of(fields))
@@ -585,7 +586,7 @@ def recover(memory: TableMemory, intent: Intent, hook: Hook) -> bool:
         return True
     state = memory.state(intent.entry)
     counts = _counts_after(intent)
-    freed = (intent.freed_first, intent.freed_count, intent.free_chunk_mid)
+    freed = (intent.freed_first, intent.freed_count, intent.free_chunk_mid, None)
     if op == INTENT_OP_INSERT:
         if state == ENTRY_USED:
             _finish_insert(memory, hook, step, intent.bucket, intent.entry, counts)
