@@ -36,7 +36,8 @@ __all__ = ["ChunkPlan", "apply_chunks", "free_chain", "plan_chunks", "plan_entry
 
 #: What :func:`plan_chunks` returns, in the order of the intent's fields ``chunks`` ..
 #: ``first``: (chunks, stack_taken, last_stack, last_link, free_chunk, free_chunk_mid,
-#: chunk_hwm, first). A plain tuple: it goes straight into the record.
+#: chunk_hwm, first), then stack_run (not recorded: see :func:`plan_chunks`). A plain tuple,
+#: unpacked straight into the record.
 ChunkPlan = tuple[int, int, int, int, int, int, int, int, int]
 
 
@@ -189,8 +190,9 @@ def apply_chunks(
     control[CTL_CHUNKS_USED] = chunks_used + count
     if hook is not None:
         hook(f"{step}:after-chunks-used")
-    # Fresh chunks link in order, and the stack's last taken chunk links to the first of them.
-    return bool(stack_run or taken == 0) and (end == hwm or taken == 0 or last_stack + 1 == hwm)
+    # A run: stacked chunks plan_chunks checked to be one (then it took no fresh chunk), or
+    # fresh chunks only, which are linked in order above.
+    return bool(stack_run) or taken == 0
 
 
 def undo_chunks(memory: TableMemory, intent: Intent, hook: Hook, step: str) -> None:
