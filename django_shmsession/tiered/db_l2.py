@@ -13,9 +13,11 @@ listens there, so only equality matters).
 - update: an ``UPDATE`` that must hit a live row (never resurrects a deleted session);
 - delete: a ``DELETE``.
 
-On PostgreSQL, update and delete are one statement each that also sends the invalidation with
-``pg_notify`` (``WITH u AS (UPDATE ... RETURNING 1) SELECT pg_notify(...) FROM u``): it is
-delivered at commit, only if the row changed, and never on rollback. The listener ``LISTEN``s
+On PostgreSQL each operation is one raw statement (the ORM's query building cost more Python
+time per request than the round trip; a create is an ``INSERT ... ON CONFLICT DO NOTHING``).
+Update and delete each also send the invalidation with ``pg_notify`` (``WITH u AS (UPDATE ...
+RETURNING 1) SELECT pg_notify(...) FROM u``): it is delivered at commit, only if the row
+changed, and never on rollback. The listener ``LISTEN``s
 on CHANNEL with psycopg 3. Other databases work without invalidations (no listener can run, so
 every read older than MAX_STALENESS is revalidated); ``manage.py check`` says so.
 """
@@ -139,6 +141,8 @@ class DatabaseL2(L2):
         return found
 
     def _fetch(self, key: str) -> L2Record | None:
+        if self._postgres:
+            return _row_record(self._select_one("session_data, expire_date", key))
         row = (
             self._objects()
             .filter(session_key=key, expire_date__gt=_dt(time.time()))
@@ -152,6 +156,9 @@ class DatabaseL2(L2):
         return found
 
     def _version(self, key: str) -> int | None:
+        if self._postgres:
+            found = self._select_one(f"left(session_data, {_HEAD})", key)
+            return None if found is None else _version_of(found[0])
         head = (
             self._objects()
             .filter(session_key=key, expire_date__gt=_dt(time.time()))
@@ -161,12 +168,32 @@ class DatabaseL2(L2):
         )
         return None if head is None else _version_of(head)
 
+    def _select_one(self, columns: str, key: str) -> Any:
+        """PostgreSQL: one row of the live session, by a raw statement (a read on every
+        miss and revalidation; building it through the ORM cost more Python time than the
+        round trip)."""
+        table = _model()._meta.db_table
+        sql = f'SELECT {columns} FROM "{table}" WHERE session_key = %s AND expire_date > %s'
+        with connections[self.alias].cursor() as cursor:
+            cursor.execute(sql, [key, _dt(time.time())])
+            return cursor.fetchone()
+
     def create(self, key: str, payload: bytes, expires_at: float) -> int | None:
         found: int | None = self._call("create a session", self._create, key, payload, expires_at)
         return found
 
     def _create(self, key: str, payload: bytes, expires_at: float) -> int | None:
         version = new_version()
+        if self._postgres:
+            table = _model()._meta.db_table
+            sql = (
+                f'INSERT INTO "{table}" (session_key, session_data, expire_date) '
+                f"VALUES (%s, %s, %s) ON CONFLICT (session_key) DO NOTHING RETURNING 1"
+            )
+            params = [key, encode_data(version, payload), _dt(expires_at)]
+            with connections[self.alias].cursor() as cursor:
+                cursor.execute(sql, params)
+                return version if cursor.fetchone() is not None else None
         try:
             with transaction.atomic(using=self.alias):
                 self._objects().create(
@@ -263,13 +290,15 @@ class DatabaseL2(L2):
         except DatabaseError:
             logger.debug("django-shmsession: closing the database connection", exc_info=True)
 
-    # -- async: Django's async ORM for reads and creates; the PostgreSQL statements through
-    # sync_to_async, as the async ORM does itself (Django has no async cursor) --
+    # -- async: Django's async ORM for the version check on other databases; the rest
+    # through sync_to_async, as the async ORM does itself (Django has no async cursor) --
 
     async def afetch(self, key: str) -> L2Record | None:
         return await sync_to_async(self.fetch)(key)
 
     async def aversion(self, key: str) -> int | None:
+        if self._postgres:
+            return await sync_to_async(self.version)(key)
         try:
             head = await (
                 self._objects()

@@ -293,15 +293,18 @@ class SessionStore(backend.SessionStore):
         recheck: bool = True,
         absent: bool = False,
     ) -> None:
-        """Store an L1 copy (``absent``: only if there is none); if the listener invalidated
-        its stripe meanwhile, keep it only if L2 still has that version (the invalidation was
-        this very write, an older one, or another key's)."""
+        """Store an L1 copy (``absent``: only if there is none). If the listener invalidated
+        its stripe meanwhile, the copy is kept when the guard word shows that invalidation was
+        no newer than the copy (usually this very write's own) or another key's; otherwise
+        only if L2 still has that version (asked when ``recheck``, else the copy is dropped)."""
         write = table.add if absent else table.set
         if not _write_l1(table, write, key, value, expires_at, priority):
             return
-        if words.guard(table, key) == before:
-            return
         version = codec.version_of(value)
+        if version is not None and words.copy_survives(
+            before, words.guard(table, key), key, version
+        ):
+            return
         try:
             current = get_l2().version(key) if recheck else None
         except L2Unavailable:

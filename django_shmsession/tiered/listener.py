@@ -7,8 +7,8 @@ delete). A copy of exactly that version (this host's own write) is kept, and so 
 PostgreSQL the row's version + 1 inside the UPDATE), and invalidations arrive in commit order,
 so an invalidation older than the copy is news the host already has (typically its own write,
 reaching a listener that runs behind the workers). Dropping it would send the next request to
-L2 for nothing. Unless the copy is of exactly the notified version, the listener first bumps
-the key's guard stripe, so a worker's fill or save in flight cannot put an older copy back
+L2 for nothing. Before it even looks at the copy, the listener records the invalidation in the
+key's guard stripe, so a worker's fill or save in flight cannot put an older copy back
 (:mod:`.words`).
 
 It records a heartbeat in the segment: the time L2 last answered a ping on the subscription,
@@ -161,17 +161,19 @@ class Listener:
         words.increment(table, words.INVALIDATIONS)
         if not keys.is_valid_key(key):
             return
+        # Record it in the stripe first, always, and only then look at the copy: a save or
+        # fill in flight on this stripe must see every invalidation applied after its L2 call
+        # and before it stored its copy (words.copy_survives), including one whose copy is
+        # kept here. Bumping after the look, or not at all for a kept copy, would let a slow
+        # worker put an older version over the copy looked at, with nothing left to drop it.
+        words.bump_guard(table, key, version)
         held = codec.version_of(table.get(key))
-        if version != DELETED and held == version:
-            return  # this host's own write: the copy is that very version
-        # Bump even when the copy is kept: a fill or save in flight on this stripe may be
-        # about to store an older version over it, and must check with L2 before keeping it.
-        words.bump_guard(table, key)
-        if version != DELETED and held is not None and held > version:
-            # A later write of this session is already here (a listener behind its own host's
-            # workers): dropping it would only send the next request to L2.
-            counters.count(counters.KEPT_NEWER)
-            return
+        if version != DELETED and held is not None and held >= version:
+            if held > version:
+                # A later write of this session is already here (a listener behind its own
+                # host's workers): dropping it would only send the next request to L2.
+                counters.count(counters.KEPT_NEWER)
+            return  # held == version: this host's own write, that very version
         table.delete(key)
 
     def _mark_down(self) -> None:
