@@ -367,6 +367,22 @@ class SessionTable:
         """
         return self._store(key, value, expires_at, _REPLACE, priority, True)
 
+    def replace_if(
+        self, key: str, expected: bytes, value: bytes, expires_at: float, priority: int = 0
+    ) -> bool:
+        """Overwrite ``key`` only if its live entry holds exactly ``expected``; False otherwise.
+
+        A compare-and-set, decided under the lock: a layer that read a value, worked out its
+        successor and must not overwrite what another process stored in between (a cache
+        refreshing its copy) writes with this instead of ``set``.
+
+        :raises ValueTooLarge: the value exceeds ``max_value_size``.
+        :raises TableFull: a growing update found no room, and the policy is "raise".
+        """
+        if not isinstance(expected, bytes):
+            raise TypeError(f"expected must be bytes, not {type(expected).__name__}")
+        return self._store(key, value, expires_at, _REPLACE, priority, True, expected)
+
     def scan(self, cursor: int = 0, batch_size: int = 256) -> tuple[list[ScanItem], int]:
         """One batch of live entries from ``cursor`` on, and the cursor of the next batch.
 
@@ -535,7 +551,14 @@ class SessionTable:
         return encoded
 
     def _store(
-        self, key: str, value: bytes, expires_at: float, mode: int, priority: int, evict: bool
+        self,
+        key: str,
+        value: bytes,
+        expires_at: float,
+        mode: int,
+        priority: int,
+        evict: bool,
+        expected: bytes | None = None,
     ) -> bool:
         encoded = self._encode_key(key)
         if priority.__class__ is not int or not 0 <= priority < PRIORITY_CLASSES:
@@ -553,6 +576,10 @@ class SessionTable:
         memory = self._memory
         key_hash = memory.key_hash(encoded)
         crc = memory.checksum(key_hash, expires_at, value)
+        if expected is not None:
+            return self._locked(
+                self._write_if, encoded, key_hash, expected, value, expires_at, crc, priority
+            )
         return self._locked(
             self._write, encoded, key_hash, value, expires_at, crc, mode, priority, evict
         )
@@ -686,6 +713,23 @@ class SessionTable:
         self._access[found] = int(now) & 0xFFFFFFFF
         control[CTL_SETS] += 1
         return True
+
+    def _write_if(
+        self,
+        key: bytes,
+        key_hash: int,
+        expected: bytes,
+        value: bytes,
+        expires_at: float,
+        crc: int,
+        priority: int,
+    ) -> bool:
+        """``replace_if`` under the lock: compare the live value, verified (a damaged entry
+        raises CorruptEntry: the lock's runner drops it and retries, which then finds no
+        match), then write."""
+        if self._get(key, key_hash) != expected:
+            return False
+        return self._write(key, key_hash, value, expires_at, crc, _REPLACE, priority, True)
 
     def _delete_index(self, found: int, fields: tuple[Any, ...] | None = None) -> None:
         """Delete entry ``found``; ``fields`` is the entry as a lookup just unpacked it."""

@@ -226,6 +226,24 @@ def test_a_checksum_mismatch_drops_that_entry_only_without_a_rebuild(
     assert report.entries == 19
 
 
+def test_replace_if_over_a_damaged_entry_drops_it_and_writes_nothing(
+    make_table: TableFactory, clock: FakeClock
+) -> None:
+    table = make_table(SIZE)
+    for i in range(3):
+        table.set(f"k{i}", value_for(f"k{i}", 700), FAR)
+    with raw_mapping(table.name) as mapping:
+        fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
+        geometry = layout.Geometry(fields[2], fields[3], fields[4], fields[5], fields[6])
+        mapping[geometry.chunk_offset(0) + 5] ^= 0xFF  # entry 0's value
+    before = table.stats()
+    assert table.replace_if("k0", value_for("k0", 700), b"new", FAR) is False
+    assert table.get("k0") is None
+    assert table.stats().entries_dropped == before.entries_dropped + 1
+    assert table.get("k1") == value_for("k1", 700)
+    assert table.check().ok
+
+
 @pytest.mark.parametrize(
     "word", [layout.CTL_ENTRIES, layout.CTL_CHUNKS_USED, layout.CTL_VALUE_BYTES]
 )

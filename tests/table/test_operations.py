@@ -111,6 +111,34 @@ def test_replace_can_extend_the_expiry(table: SessionTable, clock: FakeClock) ->
     assert table.get("a") == b"v2"
 
 
+def test_replace_if_writes_only_over_the_expected_value(
+    table: SessionTable, clock: FakeClock
+) -> None:
+    table.set("a", b"v1", later(clock))
+    assert table.replace_if("a", b"v0", b"v2", later(clock)) is False
+    assert table.get("a") == b"v1"
+    assert table.replace_if("a", b"v1", b"v2", later(clock)) is True
+    assert table.get("a") == b"v2"
+
+
+def test_replace_if_never_creates_or_resurrects(table: SessionTable, clock: FakeClock) -> None:
+    assert table.replace_if("a", b"", b"new", later(clock)) is False
+    table.set("b", b"old", later(clock, 10))
+    clock.advance(11)
+    assert table.replace_if("b", b"old", b"new", later(clock)) is False
+    assert table.get("a") is None
+    assert table.get("b") is None
+
+
+def test_replace_if_checks_its_arguments(table: SessionTable, clock: FakeClock) -> None:
+    table.set("a", b"v1", later(clock))
+    with pytest.raises(TypeError):
+        table.replace_if("a", "v1", b"v2", later(clock))  # type: ignore[arg-type]
+    with pytest.raises(ValueTooLarge):
+        table.replace_if("a", b"v1", b"x" * (table.max_value_size + 1), later(clock))
+    assert table.get("a") == b"v1"
+
+
 # -- delete / exists ---------------------------------------------------------------------------
 
 

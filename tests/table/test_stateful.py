@@ -138,6 +138,24 @@ class TableModel(RuleBasedStateMachine):
         result = self.write("replace", key, size, lifetime, priority)
         assert result is None or result == was_live
 
+    @rule(key=KEYS, size=SIZES, lifetime=LIFETIMES, priority=CLASSES, stale=st.booleans())
+    def replace_if(self, key: str, size: int, lifetime: float, priority: int, stale: bool) -> None:
+        """A compare-and-set against the live value, or (``stale``) against an older one."""
+        current = self.live(key)
+        expected = (current or b"") + b"~" if stale or current is None else current
+        value = self.value(key, size)
+        expires_at = self.clock.now + lifetime
+        try:
+            result = self.table.replace_if(key, expected, value, expires_at, priority)
+        except TableFull:
+            assert self.full_policy == "raise"
+            event("table full")
+            return
+        assert result == (current is not None and not stale)
+        if result:
+            self.model[key] = (value, expires_at, priority)
+        self.account_for_evictions(key)
+
     @rule(key=KEYS)
     def delete(self, key: str) -> None:
         assert self.table.delete(key) == (self.live(key) is not None)
