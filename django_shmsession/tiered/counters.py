@@ -19,6 +19,7 @@ NAMES = (
     "served_during_outage",
     "guard_drops",
     "kept_newer",
+    "refreshed",
 )
 (
     HITS,
@@ -30,6 +31,7 @@ NAMES = (
     SERVED_DURING_OUTAGE,
     GUARD_DROPS,
     KEPT_NEWER,  # the listener's: an invalidation older than the copy held, which it kept
+    REFRESHED,  # the listener's: an older copy replaced by the one an invalidation carried
 ) = range(len(NAMES))
 
 _counts = [0] * len(NAMES)

@@ -45,7 +45,16 @@ from django.db import (
 from django.db.models.functions import Left
 
 from .config import L2Config
-from .l2 import DELETED, L2, Invalidation, L2Error, L2Record, Subscription
+from .l2 import (
+    DELETED,
+    L2,
+    Invalidation,
+    L2Error,
+    L2Record,
+    Subscription,
+    read_refresh,
+    refresh_fields,
+)
 
 logger = logging.getLogger("django_shmsession")
 
@@ -81,14 +90,23 @@ def decode_data(text: str) -> tuple[int, bytes] | None:
     for i, char in enumerate(text[:_HEAD]):
         if char.isdigit():
             continue
-        if i == 0 or char not in ":b":
+        if i == 0:
             return None
-        body = text[i + 1 :]
-        try:
-            payload = body.encode("ascii") if char == ":" else base64.b64decode(body, validate=True)
-        except (UnicodeEncodeError, binascii.Error, ValueError):
-            return None
-        return int(text[:i]), payload
+        payload = decode_body(text[i:])
+        return None if payload is None else (int(text[:i]), payload)
+    return None
+
+
+def decode_body(body: str) -> bytes | None:
+    """The payload from what :func:`encode_body` wrote; None for anything else."""
+    kind, text = body[:1], body[1:]
+    try:
+        if kind == ":":
+            return text.encode("ascii")
+        if kind == "b":
+            return base64.b64decode(text, validate=True)
+    except (UnicodeEncodeError, binascii.Error, ValueError):
+        pass
     return None
 
 
@@ -205,14 +223,19 @@ class DatabaseL2(L2):
             return None
         return version
 
-    def update(self, key: str, payload: bytes, expires_at: float) -> int | None:
-        found: int | None = self._call("save a session", self._update, key, payload, expires_at)
+    def update(self, key: str, payload: bytes, expires_at: float, priority: int = 0) -> int | None:
+        found: int | None = self._call(
+            "save a session", self._update, key, payload, expires_at, priority
+        )
         return found
 
-    def _update(self, key: str, payload: bytes, expires_at: float) -> int | None:
+    def _update(self, key: str, payload: bytes, expires_at: float, priority: int) -> int | None:
         expire, now = _dt(expires_at), _dt(time.time())
         if self._postgres:
-            return self._update_postgres(key, encode_body(payload), expire, now)
+            body = encode_body(payload)
+            fields = refresh_fields(payload, expires_at, priority)
+            notice = key if fields is None else f"{key} {fields} {body}"
+            return self._update_postgres(key, body, notice, expire, now)
         version = new_version()
         hit = bool(
             self._objects()
@@ -222,7 +245,7 @@ class DatabaseL2(L2):
         return version if hit else None
 
     def _update_postgres(
-        self, key: str, body: str, expire: datetime.datetime, now: datetime.datetime
+        self, key: str, body: str, notice: str, expire: datetime.datetime, now: datetime.datetime
     ) -> int | None:
         """One statement: the conditional UPDATE (new version = the row's + 1, read under the
         row lock, so concurrent updates of one session get increasing versions in commit
@@ -237,7 +260,7 @@ class DatabaseL2(L2):
             f"RETURNING substring(session_data from '^[0-9]+') AS v) "
             f"SELECT v, pg_notify(%s, v || ' ' || %s) FROM u"
         )
-        params = [body, expire, key, now, self.config.channel, key]
+        params = [body, expire, key, now, self.config.channel, notice]
         with connections[self.alias].cursor() as cursor:
             cursor.execute(sql, params)
             row = cursor.fetchone()
@@ -315,8 +338,10 @@ class DatabaseL2(L2):
     async def acreate(self, key: str, payload: bytes, expires_at: float) -> int | None:
         return await sync_to_async(self.create)(key, payload, expires_at)
 
-    async def aupdate(self, key: str, payload: bytes, expires_at: float) -> int | None:
-        return await sync_to_async(self.update)(key, payload, expires_at)
+    async def aupdate(
+        self, key: str, payload: bytes, expires_at: float, priority: int = 0
+    ) -> int | None:
+        return await sync_to_async(self.update)(key, payload, expires_at, priority)
 
     async def adelete(self, key: str) -> bool:
         return await sync_to_async(self.delete)(key)
@@ -393,9 +418,12 @@ class PostgresSubscription(Subscription):
 
 
 def _parse(payload: str) -> list[Invalidation]:
+    """``"<version> <key>[ <expires_at ms> <class> <body>]"`` -> one invalidation (see
+    :mod:`.l2`); anything else is logged and ignored."""
+    fields = payload.split(" ", 4)
     try:
-        version, key = payload.split(" ", 1)
-        return [Invalidation(key, int(version))]
-    except ValueError:
+        version, key = int(fields[0]), fields[1]
+    except (ValueError, IndexError):
         logger.warning("django-shmsession: ignored a malformed invalidation %r", payload[:100])
         return []
+    return [Invalidation(key, version, read_refresh(fields[2:], decode_body))]

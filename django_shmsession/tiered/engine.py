@@ -59,6 +59,10 @@ class L1(Protocol):
 
     def replace(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool: ...
 
+    def replace_if(
+        self, key: str, expected: bytes, value: bytes, expires_at: float, priority: int = 0
+    ) -> bool: ...
+
     def delete(self, key: str) -> bool: ...
 
     def read_app_word(self, index: int) -> int: ...
@@ -113,15 +117,16 @@ class SessionStore(backend.SessionStore):
         if version != copy.version:
             counters.count(counters.REFETCHES)
             return self._fill(table, key, now)
-        # ``replace`` cannot resurrect a copy the listener dropped meanwhile (it is then a miss
-        # next time); one it drops afterwards is gone anyway. A copy a save on this host stored
-        # during the round trip is newer than this one: it is left alone (re-read just before:
-        # the table has no compare-and-set, so a few microseconds of that window remain).
+        # Only over the very copy revalidated (a compare-and-set): one the listener dropped or
+        # refreshed meanwhile, or a newer one a save on this host stored during the round
+        # trip, is left alone.
         data = self._decode(copy.payload)
-        if codec.version_of(table.get(key)) != copy.version:
-            return data
+        held = codec.encode(*copy)
         refreshed = codec.encode(version, now, copy.expires_at, copy.payload)
-        _write_l1(table, table.replace, key, refreshed, copy.expires_at, _priority(data))
+        try:
+            table.replace_if(key, held, refreshed, copy.expires_at, _priority(data))
+        except TableFull:
+            table.delete(key)  # as _write_l1: L1 is a cache, the session is in L2
         return data
 
     def _served_during_outage(
@@ -231,7 +236,7 @@ class SessionStore(backend.SessionStore):
             version = (
                 l2.create(key, payload, expires_at)
                 if must_create
-                else l2.update(key, payload, expires_at)
+                else l2.update(key, payload, expires_at, _priority(self._get_session(no_load=True)))
             )
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
@@ -414,7 +419,9 @@ class SessionStore(backend.SessionStore):
             version = await (
                 l2.acreate(key, payload, expires_at)
                 if must_create
-                else l2.aupdate(key, payload, expires_at)
+                else l2.aupdate(
+                    key, payload, expires_at, _priority(self._get_session(no_load=True))
+                )
             )
         except L2Unavailable:
             counters.count(counters.L2_ERRORS)
@@ -473,6 +480,12 @@ class _Inline:
     def replace(self, key: str, value: bytes, expires_at: float, priority: int = 0) -> bool:
         table = self._table
         return bool(table.inline(table.replace, key, value, expires_at, priority))
+
+    def replace_if(
+        self, key: str, expected: bytes, value: bytes, expires_at: float, priority: int = 0
+    ) -> bool:
+        table = self._table
+        return bool(table.inline(table.replace_if, key, expected, value, expires_at, priority))
 
     def delete(self, key: str) -> bool:
         table = self._table

@@ -8,18 +8,34 @@ fails on an existing key, an update on a missing one), so two hosts can never bo
 key and no host resurrects a session another one deleted. Updates and deletes publish an
 invalidation (key, version; version 0 for a delete) that the hosts' listeners receive.
 
+An update's invalidation also carries the new copy (payload, expiry, eviction class) when the
+payload is at most REFRESH_LIMIT bytes, so a host holding an older copy replaces it instead of
+dropping it: its next request is an L1 hit rather than a read of L2. On the wire (both L2s)::
+
+    <version> <key>                                        a delete, or a large session
+    <version> <key> <expires_at ms> <class> <payload>      an update that carries its copy
+
+(on PostgreSQL the payload is written as in the session row: ``:<text>`` or ``b<base64>``).
+Nothing in a received invalidation is trusted: :func:`read_refresh` checks every field.
+
 Errors are translated at this boundary: a server that cannot be reached raises
 :class:`L2Unavailable`, whose message names the backend and its location.
 """
 
 from __future__ import annotations
 
+import logging
 from abc import ABC, abstractmethod
-from typing import NamedTuple
+from collections.abc import Callable, Sequence
+from typing import NamedTuple, TypeVar
 
 from django_shmsession.exceptions import ShmSessionError
+from django_shmsession.layout import PRIORITY_CLASSES
 
 from .config import L2Config
+
+logger = logging.getLogger("django_shmsession")
+_Field = TypeVar("_Field", str, bytes)
 
 #: The version an invalidation carries for a deleted session.
 DELETED = 0
@@ -39,9 +55,56 @@ class L2Record(NamedTuple):
     expires_at: float
 
 
+#: The largest payload an update's invalidation carries (PostgreSQL's NOTIFY payload limit is
+#: 8000 bytes; base64 makes 5000 bytes 6668 characters).
+REFRESH_LIMIT = 5000
+
+
+class Refresh(NamedTuple):
+    """The new copy an update's invalidation carries."""
+
+    payload: bytes
+    expires_at: float
+    priority: int  # the table's eviction class
+
+
 class Invalidation(NamedTuple):
     key: str
     version: int  # DELETED for a delete
+    refresh: Refresh | None = None
+
+
+def refresh_fields(payload: bytes, expires_at: float, priority: int) -> str | None:
+    """``"<expires_at ms> <class>"`` for an update's invalidation, or None when the payload is
+    too large to travel with it."""
+    if len(payload) > REFRESH_LIMIT:
+        return None
+    return f"{int(expires_at * 1000)} {priority}"
+
+
+def read_refresh(
+    fields: Sequence[_Field], decode: Callable[[_Field], bytes | None]
+) -> Refresh | None:
+    """The copy an invalidation's fields after the key carry (expiry in ms, class, payload as
+    ``decode`` reads it), checked field by field; None when there are none. A malformed copy
+    is logged and left out: the invalidation still drops the copy it concerns."""
+    if not fields:
+        return None
+    try:
+        expires_ms, priority, body = fields
+        payload = decode(body)
+        expires_at, klass = int(expires_ms) / 1000, int(priority)
+        if (
+            payload is None
+            or len(payload) > REFRESH_LIMIT
+            or not 0 < expires_at < 2**40
+            or not 0 <= klass < PRIORITY_CLASSES
+        ):
+            raise ValueError
+    except ValueError:
+        logger.warning("django-shmsession: an invalidation carried a malformed copy; ignored it")
+        return None
+    return Refresh(payload, expires_at, klass)
 
 
 class Subscription(ABC):
@@ -100,8 +163,9 @@ class L2(ABC):
         """
 
     @abstractmethod
-    def update(self, key: str, payload: bytes, expires_at: float) -> int | None:
+    def update(self, key: str, payload: bytes, expires_at: float, priority: int = 0) -> int | None:
         """Overwrite a live session; its new version, or None if it is gone (never recreated).
+        ``priority`` (the copy's eviction class in L1) travels with the invalidation.
 
         :raises L2Unavailable: L2 cannot be reached (nothing was stored).
         """
@@ -147,7 +211,9 @@ class L2(ABC):
         """:meth:`create` without blocking the event loop."""
 
     @abstractmethod
-    async def aupdate(self, key: str, payload: bytes, expires_at: float) -> int | None:
+    async def aupdate(
+        self, key: str, payload: bytes, expires_at: float, priority: int = 0
+    ) -> int | None:
         """:meth:`update` without blocking the event loop."""
 
     @abstractmethod

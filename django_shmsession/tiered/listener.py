@@ -36,6 +36,7 @@ from pathlib import Path
 from types import FrameType
 
 from django_shmsession import conf, keys, store
+from django_shmsession.exceptions import TableFull, ValueTooLarge
 from django_shmsession.segment import PairIdentity
 from django_shmsession.table import SessionTable
 
@@ -157,7 +158,7 @@ class Listener:
         )
 
     def _apply(self, table: SessionTable, invalidation: Invalidation) -> None:
-        key, version = invalidation
+        key, version, _refresh = invalidation
         words.increment(table, words.INVALIDATIONS)
         if not keys.is_valid_key(key):
             return
@@ -167,14 +168,35 @@ class Listener:
         # kept here. Bumping after the look, or not at all for a kept copy, would let a slow
         # worker put an older version over the copy looked at, with nothing left to drop it.
         words.bump_guard(table, key, version)
-        held = codec.version_of(table.get(key))
+        value = table.get(key)
+        held = codec.version_of(value)
         if version != DELETED and held is not None and held >= version:
             if held > version:
                 # A later write of this session is already here (a listener behind its own
                 # host's workers): dropping it would only send the next request to L2.
                 counters.count(counters.KEPT_NEWER)
             return  # held == version: this host's own write, that very version
+        if value is not None and held is not None and self._refresh(table, invalidation, value):
+            return
         table.delete(key)
+
+    @staticmethod
+    def _refresh(table: SessionTable, invalidation: Invalidation, held: bytes) -> bool:
+        """Replace an older copy with the one the invalidation carries; False if it carries
+        none or the copy changed since it was read (a compare-and-set: a save on this host
+        may have stored a newer one, which must not be overwritten). Never adds a copy: a host
+        keeps only sessions its own requests used."""
+        key, version, refresh = invalidation
+        if refresh is None or version == DELETED:
+            return False
+        value = codec.encode(version, time.time(), refresh.expires_at, refresh.payload)
+        try:
+            done = table.replace_if(key, held, value, refresh.expires_at, refresh.priority)
+        except (TableFull, ValueTooLarge):
+            return False
+        if done:
+            counters.count(counters.REFRESHED)
+        return done
 
     def _mark_down(self) -> None:
         table = self._table

@@ -8,11 +8,12 @@ counter nor the channel can collide with a session.
 
 The scripts make each write one atomic step in Redis: a create is ``EXISTS`` + ``HSET`` (fails on
 an existing key: Redis's ``SET NX`` for a hash), an update fails on a missing or expired key, and
-update and delete ``PUBLISH`` their invalidation ``"<version> <key>"`` on the channel
-``KEY_PREFIX + "_invalidate"`` in the same step: an invalidation is sent if and only if the
-write happened. Listeners get invalidations by pub/sub rather than ``CLIENT TRACKING``: a
-tracking message names only the key, so a host's own write would evict the copy it had just
-stored; ours carries the version, and the listener keeps a copy of exactly that version.
+update and delete ``PUBLISH`` their invalidation (``"<version> <key>"``, an update's with its
+copy: :mod:`.l2`) on the channel ``KEY_PREFIX + "_invalidate"`` in the same step: an
+invalidation is sent if and only if the write happened. Listeners get invalidations by pub/sub
+rather than ``CLIENT TRACKING``: a tracking message names only the key, so a host's own write
+would evict the copy it had just stored; ours carries the version (the listener keeps a copy of
+exactly that version) and the new copy (a host with an older one refreshes it).
 
 Needs one Redis primary (the scripts touch two keys, which Redis Cluster allows only in one slot).
 """
@@ -33,7 +34,16 @@ from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 from .config import DEFAULT_REDIS_TIMEOUT, L2Config
-from .l2 import DELETED, L2, Invalidation, L2Error, L2Record, Subscription
+from .l2 import (
+    DELETED,
+    L2,
+    Invalidation,
+    L2Error,
+    L2Record,
+    Subscription,
+    read_refresh,
+    refresh_fields,
+)
 
 logger = logging.getLogger("django_shmsession")
 
@@ -52,7 +62,11 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return 0 end
 local v = redis.call('INCR', KEYS[2])
 redis.call('HSET', KEYS[1], 'v', v, 'd', ARGV[1], 'e', ARGV[2])
 redis.call('PEXPIREAT', KEYS[1], ARGV[2])
-redis.call('PUBLISH', ARGV[3], v .. ' ' .. ARGV[4])
+if ARGV[5] == '' then
+  redis.call('PUBLISH', ARGV[3], v .. ' ' .. ARGV[4])
+else
+  redis.call('PUBLISH', ARGV[3], v .. ' ' .. ARGV[4] .. ' ' .. ARGV[5] .. ' ' .. ARGV[1])
+end
 return v
 """
 
@@ -110,11 +124,19 @@ class RedisL2(L2):
         version = self._call("create a session", self._create, keys, [payload, _ms(expires_at)])
         return int(version) or None
 
-    def update(self, key: str, payload: bytes, expires_at: float) -> int | None:
+    def update(self, key: str, payload: bytes, expires_at: float, priority: int = 0) -> int | None:
         keys = [self.prefix + key, self.counter]
-        args = [payload, _ms(expires_at), self.channel, key]
+        args = self._update_args(key, payload, expires_at, priority)
         version = self._call("save a session", self._update, keys, args)
         return int(version) or None
+
+    def _update_args(
+        self, key: str, payload: bytes, expires_at: float, priority: int
+    ) -> list[bytes | str | int]:
+        """The UPDATE script's arguments; the last one is the refresh's fields ("" when the
+        payload is too large to travel with the invalidation)."""
+        fields = refresh_fields(payload, expires_at, priority)
+        return [payload, _ms(expires_at), self.channel, key, fields or ""]
 
     def delete(self, key: str) -> bool:
         removed = self._call(
@@ -174,10 +196,12 @@ class RedisL2(L2):
         )
         return int(version) or None
 
-    async def aupdate(self, key: str, payload: bytes, expires_at: float) -> int | None:
+    async def aupdate(
+        self, key: str, payload: bytes, expires_at: float, priority: int = 0
+    ) -> int | None:
         script = (await self._aclient()).update
         keys = [self.prefix + key, self.counter]
-        args: list[bytes | str | int] = [payload, _ms(expires_at), self.channel, key]
+        args = self._update_args(key, payload, expires_at, priority)
         version = await self._acall("save a session", script(keys=keys, args=args))
         return int(version) or None
 
@@ -279,13 +303,15 @@ class RedisSubscription(Subscription):
 
 
 def _parse(data: bytes) -> list[Invalidation]:
-    """``b"<version> <key>"`` -> one invalidation; anything else is logged and ignored."""
+    """``b"<version> <key>[ <expires_at ms> <class> <payload>]"`` -> one invalidation (see
+    :mod:`.l2`); anything else is logged and ignored."""
+    fields = data.split(b" ", 4)
     try:
-        version, key = data.decode("ascii").split(" ", 1)
-        return [Invalidation(key, int(version))]
-    except (UnicodeDecodeError, ValueError):
+        version, key = int(fields[0]), fields[1].decode("ascii")
+    except (UnicodeDecodeError, ValueError, IndexError):
         logger.warning("django-shmsession: ignored a malformed invalidation %r", data[:100])
         return []
+    return [Invalidation(key, version, read_refresh(fields[2:], bytes))]
 
 
 __all__ = ["DELETED", "RedisL2", "RedisSubscription"]

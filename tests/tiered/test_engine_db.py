@@ -12,9 +12,9 @@ from django.contrib.sessions.models import Session
 from django.db import connections
 
 from django_shmsession import store
-from django_shmsession.tiered import codec, db_l2
+from django_shmsession.tiered import codec, counters, db_l2
 from django_shmsession.tiered.engine import SessionStore
-from django_shmsession.tiered.l2 import L2Unavailable
+from django_shmsession.tiered.l2 import REFRESH_LIMIT, L2Unavailable
 
 from .conftest import PG_ALIAS, ListenerThread, wait_for
 from .l2servers import PostgresServer
@@ -79,11 +79,30 @@ def test_notify_invalidates_and_own_write_survives(listener: ListenerThread) -> 
     s.save()
     time.sleep(0.3)  # our own NOTIFY has arrived
     assert store.get_table().get(key) is not None
-    # Another host's update: a new version, sent by NOTIFY at its commit.
-    get = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
-    assert get.update(key, b'{"a":3}', time.time() + 60) is not None
-    wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY to drop the copy", 2)
+    # Another host's update: a new version, sent by NOTIFY at its commit, with its copy.
+    other = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
+    version = other.update(key, b'{"a":3}', time.time() + 60)
+    assert version is not None
+    wait_for(lambda: held_version(key) == version, "the NOTIFY to refresh the copy", 2)
+    hits = counters.snapshot()["l1_hits"]
     assert SessionStore(key).load() == {"a": 3}
+    assert counters.snapshot()["l1_hits"] == hits + 1
+
+
+def test_notify_of_a_session_too_large_to_carry_drops_the_copy(listener: ListenerThread) -> None:
+    s = saved(a=1)
+    key = s.session_key or ""
+    time.sleep(0.3)
+    assert store.get_table().get(key) is not None
+    other = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
+    big = ('{"a":"' + "x" * REFRESH_LIMIT + '"}').encode()
+    assert other.update(key, big, time.time() + 60) is not None
+    wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY to drop the copy", 2)
+    assert SessionStore(key).load() == {"a": "x" * REFRESH_LIMIT}
+
+
+def held_version(key: str) -> int | None:
+    return codec.version_of(store.get_table().get(key))
 
 
 def _channel() -> str:

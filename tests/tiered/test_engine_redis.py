@@ -12,8 +12,10 @@ from django.contrib.sessions.backends.base import CreateError, UpdateError
 
 from django_shmsession import store
 from django_shmsession.tiered import codec, counters, words
+from django_shmsession.tiered.config import L2Config
 from django_shmsession.tiered.engine import SessionStore
-from django_shmsession.tiered.l2 import L2Unavailable
+from django_shmsession.tiered.l2 import REFRESH_LIMIT, L2Unavailable
+from django_shmsession.tiered.redis_l2 import RedisL2
 
 from .conftest import ListenerThread, wait_for
 from .l2servers import RedisServer
@@ -120,23 +122,40 @@ def test_change_behind_l1s_back_is_seen_after_max_staleness(
         time.sleep(0.01)
 
 
-def test_invalidation_drops_other_hosts_copies(
+def other_host(redis_server: RedisServer, prefix: str) -> RedisL2:
+    """Another host's client of the same Redis and key space."""
+    return RedisL2(L2Config(backend="redis", location=redis_server.url, key_prefix=prefix))
+
+
+def test_invalidation_refreshes_other_hosts_copies(
     redis_server: RedisServer, redis_tiered: str, listener: ListenerThread
 ) -> None:
     s = saved(a=1)
     key = s.session_key
     assert key is not None
-    # Another host updates: a version this host's copy does not have.
-    client = l2_client(redis_server)
-    script = client.register_script(
-        __import__("django_shmsession.tiered.redis_l2", fromlist=["UPDATE"]).UPDATE
+    # Another host updates: a version this host's copy does not have, and its copy.
+    version = other_host(redis_server, redis_tiered).update(key, b'{"a":3}', time.time() + 60)
+    assert version is not None
+    wait_for(
+        lambda: codec.version_of(store.get_table().get(key)) == version,
+        "the invalidation to refresh the copy",
+        2,
     )
-    script(
-        [redis_tiered + key, redis_tiered + "_version"],
-        [b'{"a":3}', int((time.time() + 60) * 1000), redis_tiered + "_invalidate", key],
-    )
-    wait_for(lambda: store.get_table().get(key) is None, "the invalidation to drop the copy", 2)
+    hits = counters.snapshot()["l1_hits"]
     assert SessionStore(key).load() == {"a": 3}
+    assert counters.snapshot()["l1_hits"] == hits + 1
+
+
+def test_invalidation_of_a_session_too_large_to_carry_drops_the_copy(
+    redis_server: RedisServer, redis_tiered: str, listener: ListenerThread
+) -> None:
+    s = saved(a=1)
+    key = s.session_key
+    assert key is not None
+    big = ('{"a":"' + "x" * REFRESH_LIMIT + '"}').encode()
+    assert other_host(redis_server, redis_tiered).update(key, big, time.time() + 60) is not None
+    wait_for(lambda: store.get_table().get(key) is None, "the invalidation to drop the copy", 2)
+    assert SessionStore(key).load() == {"a": "x" * REFRESH_LIMIT}
 
 
 def test_own_write_keeps_its_copy(listener: ListenerThread) -> None:

@@ -206,8 +206,8 @@ def during_update(monkeypatch: pytest.MonkeyPatch, then: Callable[[str, int], No
     l2 = get_l2()
     real = l2.update
 
-    def update(key: str, payload: bytes, expires_at: float) -> int | None:
-        version = real(key, payload, expires_at)
+    def update(key: str, payload: bytes, expires_at: float, priority: int = 0) -> int | None:
+        version = real(key, payload, expires_at, priority)
         if version is not None:
             then(key, version)
         return version
@@ -364,8 +364,8 @@ def test_an_async_save_overtaken_by_its_own_invalidation_keeps_its_copy(
     l2 = get_l2()
     real = l2.aupdate
 
-    async def aupdate(k: str, payload: bytes, expires_at: float) -> int | None:
-        version = await real(k, payload, expires_at)
+    async def aupdate(k: str, payload: bytes, expires_at: float, priority: int = 0) -> int | None:
+        version = await real(k, payload, expires_at, priority)
         assert version is not None
         bare_listener._apply(table, Invalidation(k, version))
         return version
