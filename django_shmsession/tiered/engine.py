@@ -299,17 +299,22 @@ class SessionStore(backend.SessionStore):
         absent: bool = False,
     ) -> None:
         """Store an L1 copy (``absent``: only if there is none). If the listener invalidated
-        its stripe meanwhile, the copy is kept when the guard word shows that invalidation was
-        no newer than the copy (usually this very write's own) or another key's; otherwise
-        only if L2 still has that version (asked when ``recheck``, else the copy is dropped)."""
+        its stripe meanwhile, the guard word may answer alone: the copy is kept when that one
+        invalidation was no newer than the copy (usually this very write's own) or another
+        key's, and dropped when it was this key's at a later version. Otherwise the copy is
+        kept only if L2 still has that version (asked when ``recheck``, else it is dropped)."""
         write = table.add if absent else table.set
         if not _write_l1(table, write, key, value, expires_at, priority):
             return
         version = codec.version_of(value)
-        if version is not None and words.copy_survives(
-            before, words.guard(table, key), key, version
-        ):
-            return
+        after = words.guard(table, key)
+        if version is not None:
+            if words.copy_survives(before, after, key, version):
+                return
+            if words.copy_is_stale(before, after, key, version):
+                counters.count(counters.GUARD_DROPS)
+                table.delete(key)
+                return
         try:
             current = get_l2().version(key) if recheck else None
         except L2Unavailable:

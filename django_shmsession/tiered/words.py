@@ -134,6 +134,18 @@ def copy_survives(before: int, after: int, key: str, version: int) -> bool:
     return behind < 1 << (_VERSION_BITS - 1)  # its version <= ours (mod 2**31)
 
 
+def copy_is_stale(before: int, after: int, key: str, version: int) -> bool:
+    """True if the one invalidation that landed between ``before`` and ``after`` was of
+    ``key`` at a later version than the copy: L2 holds a newer one, so the copy is dropped
+    without asking (a tag shared with another key at worst costs a miss)."""
+    if (guard_count(after) - guard_count(before)) & _COUNT_MASK != 1 or after & _NO_VERSION:
+        return False
+    if (after >> _TAG_SHIFT) & _TAG_MASK != _tag(key):
+        return False
+    ahead = (version - (after & _VERSION_MASK)) & _VERSION_MASK
+    return ahead >= 1 << (_VERSION_BITS - 1)  # its version > ours (mod 2**31)
+
+
 def _next_word(word: int, key: str | None, version: int) -> int:
     count = ((guard_count(word) + 1) & _COUNT_MASK) << _COUNT_SHIFT
     if key is None or version == DELETED:

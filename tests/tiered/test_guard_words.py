@@ -91,6 +91,15 @@ def test_one_newer_invalidation_asks_l2() -> None:
     assert not words.copy_survives(*window((KEY, 6)), KEY, 5)
 
 
+def test_one_newer_invalidation_of_the_key_is_known_stale() -> None:
+    assert words.copy_is_stale(*window((KEY, 6)), KEY, 5)
+    assert not words.copy_is_stale(*window((KEY, 5)), KEY, 5)
+    assert not words.copy_is_stale(*window((OTHER, 6)), KEY, 5)
+    assert not words.copy_is_stale(*window((KEY, 6), (KEY, 7)), KEY, 5)  # two: ask L2
+    assert not words.copy_is_stale(*window((KEY, DELETED)), KEY, 5)
+    assert not words.copy_is_stale(*window(), KEY, 5)
+
+
 def test_a_delete_or_a_flush_asks_l2() -> None:
     assert not words.copy_survives(*window((KEY, DELETED)), KEY, 5)
     assert not words.copy_survives(*window((None, 0)), KEY, 5)
@@ -161,8 +170,15 @@ def test_a_kept_copy_is_never_older_than_an_invalidation_of_its_key(
         else:
             words.bump_guard(table, OTHER if kind == "other" else SAME_TAG, version)
     kept = words.copy_survives(before, words.guard(table, KEY), KEY, copy)
+    stale = words.copy_is_stale(before, words.guard(table, KEY), KEY, copy)
     if kept:
         assert safe, (events, copy)
+    assert not (kept and stale)
+    if stale:  # only ever for a later version of this key, or a key that shares its tag
+        assert any(
+            (kind == "key" and offset != -5 and copy + offset > copy) or kind == "same_tag"
+            for kind, offset in events
+        ), (events, copy)
     if not events or (len(events) == 1 and events[0][0] == "other"):
         assert kept
     if len(events) == 1 and events[0][0] == "key" and safe:
@@ -266,7 +282,7 @@ def test_a_save_overtaken_by_a_later_write_drops_its_copy(
     calls = VersionCalls(monkeypatch)
     s.save()
     assert table.get(key) is None
-    assert calls.count == 1  # the recheck that found L2 newer
+    assert calls.count == 0  # the guard word alone showed L2 newer
 
 
 def test_a_slow_save_of_an_older_version_does_not_stay_over_a_newer_copy(
