@@ -119,6 +119,21 @@ def db_tiered(settings: Any, shm_name: str, pg_database: str) -> Iterator[str]:
     runtime.reset()
 
 
+@pytest.fixture(params=["redis", "db"])
+def l2_kind(request: Any) -> str:
+    """Each test that asks for it runs on Redis and on PostgreSQL."""
+    request.getfixturevalue("redis_tiered" if request.param == "redis" else "db_tiered")
+    return str(request.param)
+
+
+@pytest.fixture
+def bare_listener(l2_kind: str) -> Iterator[Listener]:
+    """A listener object that is not running: its ``_apply`` is called directly."""
+    listener = Listener()
+    yield listener
+    listener.l2.close()
+
+
 class ListenerThread:
     """The host listener running in a thread of the test process (its own L2 connection)."""
 

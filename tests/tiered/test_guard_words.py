@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import django
@@ -186,19 +186,6 @@ def test_a_kept_copy_is_never_older_than_an_invalidation_of_its_key(
 
 
 # -- the engine on real L2s ---------------------------------------------------------------------
-
-
-@pytest.fixture(params=["redis", "db"])
-def l2_kind(request: Any) -> str:
-    request.getfixturevalue("redis_tiered" if request.param == "redis" else "db_tiered")
-    return str(request.param)
-
-
-@pytest.fixture
-def bare_listener(l2_kind: str) -> Iterator[Listener]:
-    listener = Listener()
-    yield listener
-    listener.l2.close()
 
 
 class VersionCalls:

@@ -7,10 +7,8 @@ the real listener (in a thread, on its own connection)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
 from typing import Any
 
-import pytest
 import redis
 from django.db import connections
 
@@ -22,20 +20,6 @@ from django_shmsession.tiered.listener import Listener
 from django_shmsession.tiered.runtime import get_l2
 
 from .conftest import PG_ALIAS, ListenerThread, wait_for
-
-
-@pytest.fixture(params=["redis", "db"])
-def l2_kind(request: Any) -> str:
-    request.getfixturevalue("redis_tiered" if request.param == "redis" else "db_tiered")
-    return str(request.param)
-
-
-@pytest.fixture
-def bare_listener(l2_kind: str) -> Iterator[Listener]:
-    """A listener object that is not running: its ``_apply`` is called directly."""
-    listener = Listener()
-    yield listener
-    listener.l2.close()
 
 
 def saved(**data: Any) -> SessionStore:

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -81,14 +80,6 @@ def test_a_large_session_travels_as_a_plain_invalidation() -> None:
 
 
 # -- the listener's use of it (real L2s, a listener that is not running) ------------------------
-
-
-@pytest.fixture(params=["redis", "db"])
-def bare_listener(request: Any) -> Iterator[Listener]:
-    request.getfixturevalue("redis_tiered" if request.param == "redis" else "db_tiered")
-    listener = Listener()
-    yield listener
-    listener.l2.close()
 
 
 def _saved(**data: Any) -> str:
