@@ -328,11 +328,8 @@ class SessionStore(backend.SessionStore):
 
         :raises L2Unavailable: L2 cannot be reached; the session was NOT deleted.
         """
+        session_key = self._key_to_delete(session_key)
         if session_key is None:
-            if self.session_key is None:
-                return
-            session_key = self.session_key
-        if not keys.is_valid_key(session_key):
             return
         try:
             get_l2().delete(session_key)
@@ -340,6 +337,12 @@ class SessionStore(backend.SessionStore):
             counters.count(counters.L2_ERRORS)
             raise
         get_table().delete(session_key)
+
+    def _key_to_delete(self, session_key: str | None) -> str | None:
+        """The key a delete concerns (this session's when None), or None when there is none
+        or it is not a valid key (nothing could be stored under it)."""
+        key = self.session_key if session_key is None else session_key
+        return key if key is not None and keys.is_valid_key(key) else None
 
     @classmethod
     def clear_expired(cls) -> None:
@@ -436,11 +439,8 @@ class SessionStore(backend.SessionStore):
         await _l1(self._saved, key, version, must_create, payload, expires_at, now, before, False)
 
     async def adelete(self, session_key: str | None = None) -> None:
+        session_key = self._key_to_delete(session_key)
         if session_key is None:
-            if self.session_key is None:
-                return
-            session_key = self.session_key
-        if not keys.is_valid_key(session_key):
             return
         try:
             await get_l2().adelete(session_key)

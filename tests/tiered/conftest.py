@@ -17,8 +17,9 @@ from asgiref.sync import sync_to_async
 
 from django_shmsession import store
 from django_shmsession.table import SessionTable
+from django_shmsession.tiered import codec, runtime, words
 from django_shmsession.tiered import config as tiered_config
-from django_shmsession.tiered import runtime, words
+from django_shmsession.tiered.engine import SessionStore
 from django_shmsession.tiered.listener import Listener, lock_path
 
 from .l2servers import PostgresServer, RedisServer
@@ -132,6 +133,19 @@ def bare_listener(l2_kind: str) -> Iterator[Listener]:
     listener = Listener()
     yield listener
     listener.l2.close()
+
+
+def saved(**data: Any) -> SessionStore:
+    """A new session holding ``data``, saved through the tiered engine."""
+    s = SessionStore()
+    s.update(data)
+    s.save()
+    return s
+
+
+def held_version(key: str) -> int | None:
+    """The version of this host's L1 copy of ``key`` (None: no copy)."""
+    return codec.version_of(store.get_table().get(key))
 
 
 class ListenerThread:

@@ -24,6 +24,8 @@ from django_shmsession.tiered.l2 import DELETED, Invalidation
 from django_shmsession.tiered.listener import Listener
 from django_shmsession.tiered.runtime import get_l2
 
+from .conftest import held_version, saved
+
 
 class Words:
     """The application words alone (what the listener and workers touch here)."""
@@ -216,17 +218,6 @@ def during_update(monkeypatch: pytest.MonkeyPatch, then: Callable[[str, int], No
         return version
 
     monkeypatch.setattr(l2, "update", update)
-
-
-def saved(**data: Any) -> SessionStore:
-    s = SessionStore()
-    s.update(data)
-    s.save()
-    return s
-
-
-def held_version(key: str) -> int | None:
-    return codec.version_of(store.get_table().get(key))
 
 
 def test_a_save_overtaken_by_its_own_invalidation_keeps_its_copy_without_asking_l2(

@@ -7,7 +7,6 @@ the real listener (in a thread, on its own connection)."""
 from __future__ import annotations
 
 import time
-from typing import Any
 
 import redis
 from django.db import connections
@@ -19,18 +18,7 @@ from django_shmsession.tiered.l2 import DELETED, Invalidation, L2Record
 from django_shmsession.tiered.listener import Listener
 from django_shmsession.tiered.runtime import get_l2
 
-from .conftest import PG_ALIAS, ListenerThread, wait_for
-
-
-def saved(**data: Any) -> SessionStore:
-    s = SessionStore()
-    s.update(data)
-    s.save()
-    return s
-
-
-def held_version(key: str) -> int | None:
-    return codec.version_of(store.get_table().get(key))
+from .conftest import PG_ALIAS, ListenerThread, held_version, saved, wait_for
 
 
 def test_versions_of_one_session_increase(l2_kind: str) -> None:
