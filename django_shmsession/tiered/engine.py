@@ -123,10 +123,13 @@ class SessionStore(backend.SessionStore):
         data = self._decode(copy.payload)
         held = codec.encode(*copy)
         refreshed = codec.encode(version, now, copy.expires_at, copy.payload)
-        try:
-            table.replace_if(key, held, refreshed, copy.expires_at, _priority(data))
-        except TableFull:
-            table.delete(key)  # as _write_l1: L1 is a cache, the session is in L2
+
+        def over_the_copy_revalidated(k: str, value: bytes, expires_at: float, p: int) -> bool:
+            return table.replace_if(k, held, value, expires_at, p)
+
+        _write_l1(
+            table, over_the_copy_revalidated, key, refreshed, copy.expires_at, _priority(data)
+        )
         return data
 
     def _served_during_outage(
