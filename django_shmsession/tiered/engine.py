@@ -307,7 +307,12 @@ class SessionStore(backend.SessionStore):
         key's, and dropped when it was this key's at a later version. Otherwise the copy is
         kept only if L2 still has that version (asked when ``recheck``, else it is dropped)."""
         write = table.add if absent else table.set
-        if not _write_l1(table, write, key, value, expires_at, priority):
+        if not _write_l1(table, write, key, value, expires_at, priority) and (
+            not absent or table.get(key) != value
+        ):
+            # Nothing stored. A failed ``add`` that finds this very value is this step's own
+            # earlier run (an async step that hit WouldBlock after its add runs again whole in
+            # a thread): that copy still needs the guard check below.
             return
         version = codec.version_of(value)
         after = words.guard(table, key)

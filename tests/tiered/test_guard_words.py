@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -373,3 +374,34 @@ def test_an_async_save_overtaken_by_its_own_invalidation_keeps_its_copy(
 
     asyncio.run(save())
     assert held_version(key) == get_l2().version(key)
+
+
+def test_a_fill_run_again_after_its_add_still_checks_the_guard(bare_listener: Listener) -> None:
+    """An async fill's L1 step that stored its copy and then hit WouldBlock runs again whole in
+    a thread: its add now finds its own copy, and the guard check must still drop it when a
+    later write was invalidated in the window (found by a stress run with real processes)."""
+    key = saved(n=1).session_key or ""
+    table = store.get_table()
+    record = get_l2().fetch(key)
+    assert record is not None
+    table.delete(key)
+    before = words.guard(table, key)
+    bare_listener._apply(table, Invalidation(key, record.version + 1))  # another host wrote
+    now = time.time()
+    first_run = codec.encode(record.version, now, record.expires_at, record.payload)
+    assert table.add(key, first_run, record.expires_at)
+    SessionStore(key)._filled(table, key, record, now, before, recheck=False, absent=True)
+    assert table.get(key) is None
+
+
+def test_a_fill_that_finds_another_copy_leaves_it_alone(bare_listener: Listener) -> None:
+    key = saved(n=1).session_key or ""
+    table = store.get_table()
+    record = get_l2().fetch(key)
+    assert record is not None
+    before = words.guard(table, key)
+    bare_listener._apply(table, Invalidation(key, record.version + 1))
+    newer = codec.encode(record.version + 1, time.time(), record.expires_at, b'{"n": 2}')
+    table.set(key, newer, record.expires_at)  # a save on this host, after the invalidation
+    SessionStore(key)._filled(table, key, record, time.time(), before, recheck=False, absent=True)
+    assert table.get(key) == newer
