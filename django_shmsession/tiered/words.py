@@ -120,13 +120,20 @@ def guard_count(word: int) -> int:
     return (word >> _COUNT_SHIFT) & _COUNT_MASK
 
 
+def _one_with_a_version(before: int, after: int) -> bool:
+    """Exactly one invalidation landed between the two reads, and it carried a version."""
+    return (guard_count(after) - guard_count(before)) & _COUNT_MASK == 1 and not (
+        after & _NO_VERSION
+    )
+
+
 def copy_survives(before: int, after: int, key: str, version: int) -> bool:
     """True if a copy of ``key`` at ``version``, stored between reading the stripe's guard word
     as ``before`` and as ``after``, is known to be at least as new as every invalidation the
     listener applied meanwhile; False means: ask L2 (see the module docstring)."""
     if after == before:
         return True
-    if (guard_count(after) - guard_count(before)) & _COUNT_MASK != 1 or after & _NO_VERSION:
+    if not _one_with_a_version(before, after):
         return False
     if (after >> _TAG_SHIFT) & _TAG_MASK != _tag(key):
         return True  # the one invalidation was another key's
@@ -138,9 +145,7 @@ def copy_is_stale(before: int, after: int, key: str, version: int) -> bool:
     """True if the one invalidation that landed between ``before`` and ``after`` was of
     ``key`` at a later version than the copy: L2 holds a newer one, so the copy is dropped
     without asking (a tag shared with another key at worst costs a miss)."""
-    if (guard_count(after) - guard_count(before)) & _COUNT_MASK != 1 or after & _NO_VERSION:
-        return False
-    if (after >> _TAG_SHIFT) & _TAG_MASK != _tag(key):
+    if not _one_with_a_version(before, after) or (after >> _TAG_SHIFT) & _TAG_MASK != _tag(key):
         return False
     ahead = (version - (after & _VERSION_MASK)) & _VERSION_MASK
     return ahead >= 1 << (_VERSION_BITS - 1)  # its version > ours (mod 2**31)

@@ -202,16 +202,21 @@ def test_a_huge_high_water_mark_is_caught_not_followed(
     assert table.check().ok
 
 
+def flip_a_byte_of_the_first_value(table: SessionTable) -> None:
+    """Damage entry 0's value in place (its checksum no longer matches)."""
+    with raw_mapping(table.name) as mapping:
+        fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
+        geometry = layout.Geometry(fields[2], fields[3], fields[4], fields[5], fields[6])
+        mapping[geometry.chunk_offset(0) + 5] ^= 0xFF
+
+
 def test_a_checksum_mismatch_drops_that_entry_only_without_a_rebuild(
     make_table: TableFactory, clock: FakeClock
 ) -> None:
     table = make_table(SIZE)
     for i in range(20):
         table.set(f"k{i}", value_for(f"k{i}", 700), FAR)
-    with raw_mapping(table.name) as mapping:
-        fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
-        geometry = layout.Geometry(fields[2], fields[3], fields[4], fields[5], fields[6])
-        mapping[geometry.chunk_offset(0) + 5] ^= 0xFF  # the first value's bytes (entry 0's)
+    flip_a_byte_of_the_first_value(table)
     before = table.stats()
     assert table.get("k0") is None
     after = table.stats()
@@ -232,10 +237,7 @@ def test_replace_if_over_a_damaged_entry_drops_it_and_writes_nothing(
     table = make_table(SIZE)
     for i in range(3):
         table.set(f"k{i}", value_for(f"k{i}", 700), FAR)
-    with raw_mapping(table.name) as mapping:
-        fields = layout.GEOMETRY.unpack_from(mapping, layout.GEOMETRY_OFFSET)
-        geometry = layout.Geometry(fields[2], fields[3], fields[4], fields[5], fields[6])
-        mapping[geometry.chunk_offset(0) + 5] ^= 0xFF  # entry 0's value
+    flip_a_byte_of_the_first_value(table)
     before = table.stats()
     assert table.replace_if("k0", value_for("k0", 700), b"new", FAR) is False
     assert table.get("k0") is None
