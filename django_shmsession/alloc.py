@@ -83,6 +83,13 @@ def plan_chunks(memory: TableMemory, count: int, head: int, hwm: int) -> ChunkPl
         following = links[last]
         if following == NIL or following < hwm:
             return count, count, last, following, head, following, hwm, head, 1
+    if count > 1 and hwm + count <= memory.geometry.chunk_capacity:
+        # No run on the stack, but room above the mark: take fresh chunks, which are a run,
+        # rather than a chain stitched from the stack (a value that grows by one chunk would
+        # otherwise take the chunks it freed plus one fresh, and every later update of it would
+        # alternate between a run and a chain walked chunk by chunk, ~1.4x the cost at 4 KB).
+        # The stack's chunks stay for the values that fit them.
+        return count, 0, NIL, NIL, head, head, hwm, hwm, 0
     seen: set[int] | None = None if count == 1 else set()
     taken, last, chunk = 0, NIL, head
     while taken < count and chunk != NIL:

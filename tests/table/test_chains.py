@@ -1,9 +1,10 @@
 """Multi-chunk values: the one-copy paths for chains that are runs, and the walk for the rest.
 
 Reads, writes and frees take one slice copy when a chain is a run (consecutive chunks, each
-linked to the next); a chain that is not (a value that grew by a chunk takes the freed chunks
-plus a fresh one) is walked chunk by chunk. Both shapes must return exactly the stored bytes,
-and a damaged owner or link inside a run must be detected, never copied as if it were a run.
+linked to the next); a chain that is not (stitched from the free stack's pieces, once no run of
+fresh chunks is left above the mark) is walked chunk by chunk. Both shapes must return exactly
+the stored bytes, and a damaged owner or link inside a run must be detected, never copied as if
+it were a run.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ import struct
 import pytest
 
 from django_shmsession import index
+from django_shmsession.exceptions import TableFull
 from django_shmsession.table import SessionTable
 
+from .conftest import TableFactory
 from .helpers import raw_mapping, value_for
 
 FAR = 4e9
@@ -34,17 +37,48 @@ def is_run(chunks: list[int]) -> bool:
     return chunks == list(range(chunks[0], chunks[0] + len(chunks)))
 
 
-def test_runs_and_walked_chains_both_read_back_exactly(table: SessionTable) -> None:
+def test_a_value_that_grows_by_a_chunk_stays_a_run(table: SessionTable) -> None:
+    """The chunks it freed are one short: it takes fresh ones above the mark, not those plus
+    one (which would make every later update alternate between a run and a walked chain)."""
     size = table._memory.chunk_size
     table.set("grow", value_for("grow", 8 * size), FAR)
-    shapes = []
-    for version in range(1, 7):  # 9 chunks from 8 freed + 1 fresh, then alternating
+    for version in range(1, 7):
         value = value_for("grow", 9 * size - 7, version)
         table.replace("grow", value, FAR)
-        shapes.append(is_run(chain_of(table, "grow")))
+        chain = chain_of(table, "grow")
+        assert len(chain) == 9, f"update {version} took {chain}"
+        assert is_run(chain), f"update {version} took {chain}"
         assert table.get("grow") == value
-    assert True in shapes, f"no run among {shapes}"
-    assert False in shapes, f"no walked chain among {shapes}"
+    assert table.check().ok
+
+
+def test_walked_chains_read_back_exactly_once_no_fresh_run_is_left(
+    make_table: TableFactory,
+) -> None:
+    """With the mark at capacity a value is stitched from the free stack's pieces: walked."""
+    table = make_table(max_value_size=9 * 512)
+    size = table._memory.chunk_size
+    assert size == 512
+    pieces = 0
+    while True:  # 2-chunk pieces until the table is full: the mark ends near capacity
+        try:
+            table.add(f"p{pieces}", value_for(f"p{pieces}", 2 * size), FAR, evict=False)
+        except TableFull:
+            break
+        pieces += 1
+    for number in range(0, pieces, 2):  # the stack now holds pieces two chunks long, apart
+        assert table.delete(f"p{number}")
+    shapes = []
+    # The first takes the last fresh run; the second is stitched; the third takes the run the
+    # first freed, and so on.
+    for version in range(4):
+        value = value_for("stitched", 9 * size - 7, version)
+        table.set("stitched", value, FAR)
+        shapes.append(is_run(chain_of(table, "stitched")))
+        assert table.get("stitched") == value
+    assert shapes == [True, False, True, False], shapes
+    for number in range(1, pieces, 2):
+        assert table.get(f"p{number}") == value_for(f"p{number}", 2 * size)
     assert table.check().ok
 
 

@@ -68,7 +68,8 @@ def sleeper(conn: Conn, name: str) -> None:
 MAIN_OPS: list[tuple[str, str, int]] = [
     ("get", "old-lazy", 0),  # expired: reclaimed lazily (a delete inside a read)
     ("set", "n1", 300),  # insert from the free-chunk stack
-    ("set", "n1", 5000),  # update, multi-chunk: the stack's rest, then fresh chunks
+    ("set", "n1", 400),  # update, one chunk: the top of the stack
+    ("set", "n1", 5000),  # update, multi-chunk: no run on the stack, so fresh chunks
     ("add", "n2", 100),
     ("replace", "rep", 2000),
     ("delete", "del", 0),
@@ -680,6 +681,10 @@ def test_an_adopter_that_dies_before_repairing_is_adopted_in_turn(shm_name: str)
 
 
 EVICTION_POINTS = [p for p in WRITE_POINTS if p.startswith(("insert:", "delete:"))]
+# A multi-chunk value takes fresh chunks while the high-water mark has room for it, and chunks
+# stitched from the stack (the victims') only once it has none: the points that store into
+# stacked chunks are reached with the mark pushed to the top first.
+STITCHING_POINTS = ("insert:after-chunk-owner", "insert:after-chunk-link")
 
 
 @pytest.mark.parametrize("point", EVICTION_POINTS)
@@ -696,6 +701,11 @@ def test_a_crash_while_evicting_loses_nothing_but_victims_and_the_new_value(
             stored[f"f{i}"] = value_for(f"f{i}", 200)
             if table.stats().evictions:
                 break
+        if point in STITCHING_POINTS:
+            for i in range(20):  # two chunks each, evicting one-chunk values: the mark rises
+                table.set(f"g{i}", value_for(f"g{i}", 700), FAR + 2000 + i)
+                stored[f"g{i}"] = value_for(f"g{i}", 700)
+            assert table.stats().chunk_capacity - control_word(shm_name, layout.CTL_CHUNK_HWM) < 8
         run_to_death(shm_name, point, "big", value_for("big", 4096))
         with watchdog(30):
             assert table.get("big") in (None, value_for("big", 4096))

@@ -44,21 +44,33 @@ class Interrupt(BaseException):
     """Stands for KeyboardInterrupt/SystemExit: a BaseException, not an Exception."""
 
 
-# The workload passes every fault point of every write: "tmp" is deleted first so that the
-# insert takes its entry and some chunks from the free stacks (and the rest above the high-water
-# marks), "gone" is deleted before the update so the update also takes stack chunks.
-OPERATIONS = (("set", "new"), ("delete", "gone"), ("set", "old"), ("clear", ""))
-KEYS = ("new", "old", "gone")
+# The workload passes every fault point of every write. A multi-chunk value takes a run: the
+# free stack's top chunks when they are one of the right size, fresh chunks above the high-water
+# mark otherwise. So each kind of write comes twice: "new" takes the entry and the run "tmp"
+# (deleted in prepare) left on the stacks, "spare" takes a fresh entry and fresh chunks; "old"
+# is updated into the run "gone" just freed, "kept" into fresh chunks.
+OPERATIONS = (
+    ("set", "new"),
+    ("set", "spare"),
+    ("delete", "gone"),
+    ("set", "old"),
+    ("set", "kept"),
+    ("clear", ""),
+)
+KEYS = ("new", "spare", "old", "gone", "kept")
+NEW_SIZE = 5000
 
 
 def new_value(key: str) -> bytes:
-    return value_for(key, 5000, 1)
+    return value_for(key, NEW_SIZE, 1)
 
 
 INITIAL: dict[str, bytes | None] = {
     "new": None,
+    "spare": None,
     "old": value_for("old", 3000),
-    "gone": value_for("gone", 700),
+    "gone": value_for("gone", NEW_SIZE),
+    "kept": value_for("kept", 3000),
 }
 
 
@@ -73,7 +85,7 @@ def contents_after(operations: tuple[tuple[str, str], ...]) -> dict[str, bytes |
 
 
 def prepare(table: SessionTable, expires: float) -> None:
-    table.set("tmp", value_for("tmp", 1200), expires)
+    table.set("tmp", value_for("tmp", NEW_SIZE), expires)
     for key, value in INITIAL.items():
         if value is not None:
             table.set(key, value, expires)
