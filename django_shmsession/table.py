@@ -426,7 +426,9 @@ class SessionTable:
 
     def read_app_word(self, index: int) -> int:
         """Word ``index`` of the words reserved for the layers above (one aligned load)."""
-        return int(self._control[CTL_APP_WORDS + self._app_word_index(index)])
+        if index.__class__ is not int or not 0 <= index < APP_WORDS:  # on every L1 hit: inline
+            self._app_word_index(index)  # raises
+        return self._control[CTL_APP_WORDS + index]
 
     def write_app_word(self, index: int, value: int) -> None:
         """Store ``value`` (an unsigned 64-bit int) into app word ``index`` (one store)."""

@@ -37,6 +37,8 @@ def encode(version: int, confirmed_at: float, expires_at: float, payload: bytes)
 
 
 _FIELDS = struct.Struct("<Qdd")  # the header after the magic
+_CONFIRMED_AT = struct.Struct("<d")
+CONFIRMED_AT_OFFSET = struct.calcsize("<4sQ")  # after the magic and the version
 _new = tuple.__new__  # builds an L1Copy without NamedTuple.__new__'s Python-level call
 
 
@@ -47,6 +49,20 @@ def decode(value: bytes) -> L1Copy | None:
     if len(value) < HEADER_SIZE or not value.startswith(MAGIC):
         return None
     return _new(L1Copy, (*_FIELDS.unpack_from(value, 4), value[HEADER_SIZE:]))
+
+
+def payload_if_confirmed_after(value: bytes, since: float) -> bytes | None:
+    """The payload of ``value`` if it is a copy L2 confirmed after ``since``; None otherwise.
+
+    The L1-hit path's question in one unpack and one slice, without building an
+    :class:`L1Copy` (~0.2 µs less per hit); anything else goes through :func:`decode`."""
+    if (
+        value.startswith(MAGIC)
+        and len(value) >= HEADER_SIZE
+        and _CONFIRMED_AT.unpack_from(value, CONFIRMED_AT_OFFSET)[0] > since
+    ):
+        return value[HEADER_SIZE:]
+    return None
 
 
 def version_of(value: bytes | None) -> int | None:

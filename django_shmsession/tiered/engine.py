@@ -90,17 +90,21 @@ class SessionStore(backend.SessionStore):
         hoststats.maybe_publish(table)
         now = time.time()
         value = table.get(key)
-        copy = None if value is None else codec.decode(value)
-        if copy is None:
+        if value is None:
             counters.count(counters.MISSES)
-            return self._fill(table, key, now, absent=value is None)
+            return self._fill(table, key, now, absent=True)
         # The hot path (an L1 hit), inline: confirmed within MAX_STALENESS, listener beating.
+        payload = codec.payload_if_confirmed_after(value, now - get_tiered_config().max_staleness)
         if (
-            now - copy[1] < get_tiered_config().max_staleness
+            payload is not None
             and now * 1_000_000 - table.read_app_word(words.HEARTBEAT) < _TIMEOUT_US
         ):
             counters.count(counters.HITS)
-            return self._decode(copy[3])
+            return self._decode(payload)
+        copy = codec.decode(value)
+        if copy is None:
+            counters.count(counters.MISSES)
+            return self._fill(table, key, now)
         counters.count(counters.REVALIDATIONS)
         try:
             version = get_l2().version(key)
