@@ -113,6 +113,7 @@ def run_script(env: dict[str, str], name: str, code: str, *args: str) -> subproc
         [sys.executable, "-c", code, *args],
         cwd=PROJECT,
         env=full,
+        stdin=subprocess.PIPE,
         stdout=subprocess.PIPE,
         text=True,
     )

@@ -120,16 +120,19 @@ def test_unlinked_segment_warms_again_from_l2(hosts: tuple[Host, Host]) -> None:
 
 
 RACE = """
-import sys, time, django
+import sys, django
 django.setup()
 from django.contrib.sessions.backends.base import CreateError
+from django_shmsession.store import get_table
 from django_shmsession.tiered.engine import SessionStore
-start = float(sys.argv[1])
-keys = sys.argv[2].split(",")
-if sys.argv[3] == "1":
+from django_shmsession.tiered.runtime import get_l2
+keys = sys.argv[1].split(",")
+if sys.argv[2] == "1":
     keys.reverse()  # the two hosts meet in the middle, so each wins some and they race there
-while time.time() < start:
-    pass
+get_table()
+get_l2().ping()  # the table open and L2 connected: the race starts from the first create
+print("ready", flush=True)
+sys.stdin.readline()
 won = []
 for key in keys:
     s = SessionStore(key)  # save(must_create) does not load: the key stays ours to create
@@ -143,14 +146,21 @@ print(",".join(won))
 
 
 def test_must_create_races_between_hosts(env: dict[str, str]) -> None:
+    """Two hosts create the same 300 keys from opposite ends, released at once (both
+    interpreters up, tables open, L2 connected): each key is won by exactly one host."""
     keys = [f"race{i:04d}" + "x" * 24 for i in range(300)]
     names = [f"/shmtest-race-{os.getpid()}-{i}" for i in range(2)]
-    start = time.time() + 4.0  # both interpreters and Djangos are up by then
     try:
         procs = [
-            run_script(env, name, RACE, str(start), ",".join(keys), str(i))
-            for i, name in enumerate(names)
+            run_script(env, name, RACE, ",".join(keys), str(i)) for i, name in enumerate(names)
         ]
+        for proc in procs:
+            assert proc.stdout is not None
+            assert proc.stdout.readline().strip() == "ready"
+        for proc in procs:
+            assert proc.stdin is not None
+            proc.stdin.write("go\n")
+            proc.stdin.flush()
         outputs = [p.communicate(timeout=120)[0].strip() for p in procs]
         assert all(p.returncode == 0 for p in procs)
     finally:
