@@ -50,6 +50,10 @@ logger = logging.getLogger("django_shmsession")
 #: Seconds between reconnection attempts while L2 is unreachable.
 RECONNECT_DELAY = 0.2
 RECONNECT_DELAY_MAX = 2.0
+#: Seconds the listener pauses after applying a batch, so that under a stream of writes it
+#: wakes at most ~1/BATCH_PAUSE times a second and takes what came meanwhile in one batch: a
+#: lone invalidation is still applied the moment it arrives, a stream waits at most this long.
+BATCH_PAUSE = 0.002
 
 
 def lock_path(name: str) -> Path:
@@ -124,8 +128,11 @@ class Listener:
                 if now >= next_ping:
                     sub.ping()
                     next_ping = now + words.HEARTBEAT_INTERVAL
-                for invalidation in sub.poll(min(0.05, max(0.0, next_ping - now))):
+                batch = sub.poll(min(0.05, max(0.0, next_ping - now)))
+                for invalidation in batch:
                     self._apply(self._table or table, invalidation)
+                if batch:
+                    time.sleep(BATCH_PAUSE)
                 table = self._current_table()
                 self._beat(table, sub)
                 hoststats.maybe_publish(table)
