@@ -14,7 +14,18 @@ listens there, so only equality matters).
 - delete: a ``DELETE``.
 
 On PostgreSQL each operation is one raw statement (the ORM's query building cost more Python
-time per request than the round trip; a create is an ``INSERT ... ON CONFLICT DO NOTHING``).
+time per request than the round trip; a create is an ``INSERT ... ON CONFLICT DO NOTHING``),
+sent with psycopg 3's server-side binding on Django's own connection. Django turns psycopg's
+prepared statements off by default (for connection poolers); a site that sets
+``"OPTIONS": {"prepare_threshold": 5}`` on its database (fine unless it runs behind PgBouncer
+older than 1.21 in transaction pooling mode) gets these statements prepared after 5 uses,
+although Django's own client-side-binding cursor never prepares: measured on one connection
+(psycopg directly, the update statement), the server's CPU per update fell from ~200 µs to
+~100 µs (no parsing and planning at every save) and the round trip from ~315 µs to ~205 µs.
+Django's cursor is used instead when queries are being logged (``DEBUG``,
+``CaptureQueriesContext``) or execute wrappers are installed, so tools that watch Django's
+queries still see these statements, and with psycopg2.
+
 Update and delete each also send the invalidation with ``pg_notify`` (``WITH u AS (UPDATE ...
 RETURNING 1) SELECT pg_notify(...) FROM u``): it is delivered at commit, only if the row
 changed, and never on rollback. The listener ``LISTEN``s
@@ -43,6 +54,13 @@ from django.db import (
     transaction,
 )
 from django.db.models.functions import Left
+
+try:
+    from django.db.backends.postgresql.psycopg_any import is_psycopg3
+except ImportError:  # neither psycopg nor psycopg2 installed: no PostgreSQL to talk to
+    is_psycopg3 = False
+if is_psycopg3:
+    from psycopg import Cursor as psycopg_Cursor
 
 from .config import L2Config
 from .l2 import (
@@ -119,6 +137,25 @@ def _dt(when: float) -> datetime.datetime:
     return datetime.datetime.fromtimestamp(when, tz=datetime.timezone.utc)
 
 
+def _one_row(alias: str, sql: str, params: list[Any]) -> Any:
+    """Run one PostgreSQL statement on Django's connection ``alias``; its first row or None.
+
+    Through a psycopg 3 server-binding cursor on the connection Django manages (same
+    transaction, same errors: wrapped as Django's), so psycopg can prepare the statement;
+    through Django's cursor whenever something watches Django's queries (see the module)."""
+    connection = connections[alias]
+    if connection.queries_logged or connection.execute_wrappers or not is_psycopg3:
+        with connection.cursor() as cursor:
+            cursor.execute(sql, params)
+            return cursor.fetchone()
+    connection.validate_thread_sharing()
+    connection.validate_no_broken_transaction()
+    connection.ensure_connection()
+    with connection.wrap_database_errors, psycopg_Cursor(connection.connection) as cursor:
+        cursor.execute(sql, params)
+        return cursor.fetchone()
+
+
 class DatabaseL2(L2):
     """Sessions in the database of ``DATABASE`` through Django's Session model."""
 
@@ -192,9 +229,7 @@ class DatabaseL2(L2):
         round trip)."""
         table = _model()._meta.db_table
         sql = f'SELECT {columns} FROM "{table}" WHERE session_key = %s AND expire_date > %s'
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, [key, _dt(time.time())])
-            return cursor.fetchone()
+        return _one_row(self.alias, sql, [key, _dt(time.time())])
 
     def create(self, key: str, payload: bytes, expires_at: float) -> int | None:
         found: int | None = self._call("create a session", self._create, key, payload, expires_at)
@@ -209,9 +244,7 @@ class DatabaseL2(L2):
                 f"VALUES (%s, %s, %s) ON CONFLICT (session_key) DO NOTHING RETURNING 1"
             )
             params = [key, encode_data(version, payload), _dt(expires_at)]
-            with connections[self.alias].cursor() as cursor:
-                cursor.execute(sql, params)
-                return version if cursor.fetchone() is not None else None
+            return version if _one_row(self.alias, sql, params) is not None else None
         try:
             with transaction.atomic(using=self.alias):
                 self._objects().create(
@@ -261,9 +294,7 @@ class DatabaseL2(L2):
             f"SELECT v, pg_notify(%s, v || ' ' || %s) FROM u"
         )
         params = [body, expire, key, now, self.config.channel, notice]
-        with connections[self.alias].cursor() as cursor:
-            cursor.execute(sql, params)
-            row = cursor.fetchone()
+        row = _one_row(self.alias, sql, params)
         return None if row is None else int(row[0])
 
     def delete(self, key: str) -> bool:
@@ -276,9 +307,8 @@ class DatabaseL2(L2):
                 f'WITH d AS (DELETE FROM "{table}" WHERE session_key = %s RETURNING 1) '
                 f"SELECT pg_notify(%s, %s) FROM d"
             )
-            with connections[self.alias].cursor() as cursor:
-                cursor.execute(sql, [key, self.config.channel, f"{DELETED} {key}"])
-                return cursor.fetchone() is not None
+            params = [key, self.config.channel, f"{DELETED} {key}"]
+            return _one_row(self.alias, sql, params) is not None
         deleted, _ = self._objects().filter(session_key=key).delete()
         return bool(deleted)
 

@@ -72,6 +72,58 @@ def test_update_after_delete_elsewhere_is_refused() -> None:
     assert row(key) is None
 
 
+def prepared_statements() -> list[str]:
+    with connections[PG_ALIAS].cursor() as cursor:
+        cursor.execute("SELECT statement FROM pg_prepared_statements")
+        return [found[0] for found in cursor.fetchall()]
+
+
+def saved_eight_times() -> SessionStore:
+    s = saved(a=0)
+    for i in range(8):
+        s["a"] = i
+        s.save()
+    return s
+
+
+@pytest.mark.parametrize("threshold", [None, 5])
+def test_statements_are_prepared_when_the_connection_allows(threshold: int | None) -> None:
+    """Django turns psycopg's prepared statements off by default (poolers); with a
+    ``prepare_threshold`` in OPTIONS, the L2's update is prepared on Django's connection
+    after that many saves (planned once, not at every save), although Django's own cursor
+    (client-side binding) never prepares."""
+    connection = connections[PG_ALIAS]
+    connection.ensure_connection()
+    raw = connection.connection
+    before = raw.prepare_threshold
+    already = set(prepared_statements())  # another test may have prepared some
+    raw.prepare_threshold = threshold
+    try:
+        s = saved_eight_times()
+        statements = set(prepared_statements()) - already
+    finally:
+        raw.prepare_threshold = before
+    updates = [sql for sql in statements if "UPDATE" in sql and "pg_notify" in sql]
+    assert len(updates) == (0 if threshold is None else 1), statements
+    assert SessionStore(s.session_key).load() == {"a": 7}
+
+
+def test_captured_queries_see_the_l2_statements() -> None:
+    """While Django logs queries (DEBUG, CaptureQueriesContext) the statements go through
+    Django's cursor, so query-watching tools see them."""
+    from django.test.utils import CaptureQueriesContext
+
+    s = saved(a=0)
+    with CaptureQueriesContext(connections[PG_ALIAS]) as captured:
+        s["a"] = 1
+        s.save()
+        store.get_table().clear()
+        assert SessionStore(s.session_key).load() == {"a": 1}  # a miss: read from L2
+    sqls = [query["sql"] for query in captured.captured_queries]
+    assert any("UPDATE" in sql and "pg_notify" in sql for sql in sqls), sqls
+    assert any(sql.startswith("SELECT session_data") for sql in sqls), sqls
+
+
 def test_notify_invalidates_and_own_write_survives(listener: ListenerThread) -> None:
     s = saved(a=1)
     key = s.session_key or ""
