@@ -184,6 +184,11 @@ KINDS = ("plain", "tiered-redis", "tiered-pg", "cache-redis", "cached_db")
 #: End to end only: the tiered engine with both servers on ONE host (one table, one listener;
 #: the second server's listener stands by), as the other engines run: like for like.
 ONE_HOST = ("tiered-redis 1 host", "tiered-pg 1 host")
+#: End to end only, beside the targets (which are on default settings): both PostgreSQL engines
+#: with prepared statements on (Django's server-side binding and psycopg's prepare_threshold,
+#: which Django leaves off by default for connection poolers), so each is planned once.
+PREPARED = ("tiered-pg prepared", "cached_db prepared")
+PREPARED_OPTIONS = {"server_side_binding": True, "prepare_threshold": 5}
 
 
 def micro(redis_url: str, pg: dict[str, Any], n: int, rounds: int) -> dict[str, Any]:
@@ -225,7 +230,7 @@ def e2e(
     """
     from django_shmsession.tiered.listener import lock_path
 
-    labels = KINDS + ONE_HOST
+    labels = KINDS + ONE_HOST + PREPARED
     names: list[str] = []
     samples: dict[str, dict[str, list[float]]] = {
         label: {path: [] for path in E2E_PATHS} for label in labels
@@ -277,6 +282,8 @@ def _e2e_envs(
     names = [f"/shmbench-e2e-{uuid.uuid4().hex[:8]}" for _ in range(2)]
     if not two_hosts:
         names[1] = names[0]
+    if label in PREPARED:
+        pg = dict(pg, OPTIONS=PREPARED_OPTIONS)
     envs = [engine_env(kind, redis_url, pg, name) for name in names]
     envs[1]["SHMSESSION_L2"] = envs[0].get("SHMSESSION_L2", "")  # one L2 for both hosts
     return sorted(set(names)), envs
@@ -388,14 +395,16 @@ def render(info: dict[str, str], data: dict[str, Any]) -> str:
             ["engine", "/", "/incr", "/ping"],
             [
                 [k, f"{e[k]['/']:.0f}", f"{e[k]['/incr']:.0f}", f"{e[k]['/ping']:.0f}"]
-                for k in KINDS + ONE_HOST
+                for k in KINDS + ONE_HOST + PREPARED
                 if k in e
             ],
         ),
         "",
         "Every row loads one session from both servers. `tiered-*` rows: two hosts (two L1s, "
         "two listeners, one L2), so each write on one host invalidates the other host's copy; "
-        "`tiered-* 1 host`: both servers on one host (one L1), like the other engines' rows.",
+        "`tiered-* 1 host`: both servers on one host (one L1), like the other engines' rows. "
+        "`* prepared`: the PostgreSQL engines with the database OPTIONS "
+        f"{PREPARED_OPTIONS} (Django's default leaves both off, for connection poolers).",
         "",
         "## Invalidation latency (ms, A's delete returned -> B's L1 copy gone)",
         "",
@@ -425,6 +434,12 @@ def render(info: dict[str, str], data: dict[str, Any]) -> str:
         if one in e:
             incr = e[one]["/incr"] / e["cached_db"]["/incr"]
             lines.append(f"- {one} `/incr` / cached_db `/incr`: {fmt_ratio(incr)} (target >= 1.5x)")
+    if all(label in e for label in PREPARED):
+        incr = e["tiered-pg prepared"]["/incr"] / e["cached_db prepared"]["/incr"]
+        lines.append(
+            f"- (not a target: both with prepared statements) tiered-pg `/incr` / cached_db "
+            f"`/incr`: {fmt_ratio(incr)}"
+        )
     for kind, v in lat.items():
         lines.append(f"- {kind} invalidation p99 {v['p99_ms']:.2f} ms (target <= 50 ms)")
     return "\n".join(lines) + "\n"
