@@ -161,7 +161,7 @@ def python(env: dict[str, str], code: str, *args: str, timeout: float = 600) -> 
 
 def migrate(env: dict[str, str]) -> None:
     subprocess.run(
-        [sys.executable, str(PROJECT / "manage.py"), "migrate", "sessions", "--verbosity", "0"],
+        [sys.executable, str(PROJECT / "manage.py"), "migrate", "--verbosity", "0"],
         env=env,
         cwd=ROOT,
         check=True,

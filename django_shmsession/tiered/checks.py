@@ -9,6 +9,8 @@ W002 db backend on a database without LISTEN/NOTIFY: no listener can run.
 W003 the host's listener is not running (the segment exists but its heartbeat is stale).
 W004 db backend: the session table does not exist in the database (not migrated); a warning,
      not an error, so that ``migrate`` itself (which runs the checks) is not blocked.
+W005 db backend on PostgreSQL: the functions of ``migrate django_shmsession`` are not
+     installed (saves work, but each costs the server a parse and plan: see pg_functions).
 
 All run only when SESSION_ENGINE is the tiered engine; none writes anything.
 """
@@ -145,7 +147,31 @@ def _check_db(l2: L2Config, databases: Any) -> list[CheckMessage]:
                     id=f"{PREFIX}.W004",
                 )
             )
+        messages.extend(_check_functions(l2.database, connection))
     return messages
+
+
+def _check_functions(alias: str, connection: Any) -> list[CheckMessage]:
+    """W005: ask PostgreSQL whether the db L2's functions exist (only reads the catalog)."""
+    from .pg_functions import PRESENT_QUERY
+
+    if connection.vendor != "postgresql":
+        return []
+    with connection.cursor() as cursor:
+        cursor.execute(PRESENT_QUERY)
+        row = cursor.fetchone()
+    if row and row[0]:
+        return []
+    return [
+        CheckWarning(
+            f"The tiered engine's PostgreSQL functions are not installed in the database "
+            f"{alias!r}: sessions work, but every save is parsed and planned anew (about 100 µs "
+            f"of database CPU more per save).",
+            hint=f"Add 'django_shmsession' to INSTALLED_APPS and run "
+            f"`python manage.py migrate django_shmsession --database {alias}`.",
+            id=f"{PREFIX}.W005",
+        )
+    ]
 
 
 def _check_listener() -> list[CheckMessage]:

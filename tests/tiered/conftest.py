@@ -90,6 +90,7 @@ def pg_database(
     connections.settings[PG_ALIAS] = entry
     with django_db_blocker.unblock():
         call_command("migrate", "sessions", database=PG_ALIAS, verbosity=0)
+        call_command("migrate", "django_shmsession", database=PG_ALIAS, verbosity=0)
         with connections[PG_ALIAS].cursor() as cursor:
             cursor.execute("DELETE FROM django_session")
         yield PG_ALIAS

@@ -67,10 +67,10 @@ def l2_env(kind: str, redis_url: str | None, postgres: PostgresServer | None) ->
 
 
 def migrate(env: dict[str, str]) -> None:
-    """Create Django's session table in the shared PostgreSQL (db L2)."""
+    """Create Django's session table and our functions in the shared PostgreSQL (db L2)."""
     full = {**os.environ, "DJANGO_SETTINGS_MODULE": "testproject.settings", **env}
     subprocess.run(
-        [sys.executable, "manage.py", "migrate", "sessions", "--verbosity", "0"],
+        [sys.executable, "manage.py", "migrate", "--verbosity", "0"],
         cwd=PROJECT,
         env=full,
         check=True,

@@ -12,9 +12,9 @@ from django.contrib.sessions.models import Session
 from django.db import connections
 
 from django_shmsession import store
-from django_shmsession.tiered import codec, counters, db_l2
+from django_shmsession.tiered import codec, counters, db_l2, pg_functions, runtime
 from django_shmsession.tiered.engine import SessionStore
-from django_shmsession.tiered.l2 import REFRESH_LIMIT, L2Unavailable
+from django_shmsession.tiered.l2 import REFRESH_LIMIT, L2Error, L2Unavailable
 
 from .conftest import PG_ALIAS, ListenerThread, wait_for
 from .l2servers import PostgresServer
@@ -31,6 +31,37 @@ def saved(**data: Any) -> SessionStore:
 
 def row(key: str) -> Any:
     return Session.objects.using(PG_ALIAS).filter(session_key=key).first()
+
+
+def execute(*statements: str) -> None:
+    with connections[PG_ALIAS].cursor() as cursor:
+        for sql in statements:
+            cursor.execute(sql)
+
+
+def functions_present() -> bool:
+    with connections[PG_ALIAS].cursor() as cursor:
+        cursor.execute(pg_functions.PRESENT_QUERY)
+        return bool(cursor.fetchone()[0])
+
+
+@pytest.fixture
+def without_functions(db_tiered: str) -> Any:
+    """The database as before ``migrate django_shmsession``: no functions (put back after)."""
+    execute(*pg_functions.drop_sql())
+    runtime.reset()  # a new L2 client, which asks again
+    yield
+    execute(*pg_functions.create_sql('"django_session"'))
+    runtime.reset()
+
+
+@pytest.fixture(params=["functions", "statements"])
+def l2_path(request: Any, db_tiered: str) -> str:
+    """Each test that asks for it runs with the PL/pgSQL functions and with plain SQL."""
+    if request.param == "statements":
+        request.getfixturevalue("without_functions")
+    assert functions_present() == (request.param == "functions")
+    return str(request.param)
 
 
 def test_session_row_holds_version_and_payload() -> None:
@@ -60,6 +91,7 @@ def test_must_create_fails_on_the_primary_key() -> None:
     assert SessionStore(s.session_key).load() == {"a": 1}
 
 
+@pytest.mark.usefixtures("l2_path")
 def test_update_after_delete_elsewhere_is_refused() -> None:
     s = saved(a=1)
     key = s.session_key or ""
@@ -86,6 +118,12 @@ def saved_eight_times() -> SessionStore:
     return s
 
 
+def is_update(sql: str) -> bool:
+    """Whether ``sql`` is the L2's update, as the function call or as the statement."""
+    return pg_functions.UPDATE_FUNCTION in sql or ("UPDATE" in sql and "pg_notify" in sql)
+
+
+@pytest.mark.usefixtures("l2_path")
 @pytest.mark.parametrize("threshold", [None, 5])
 def test_statements_are_prepared_when_the_connection_allows(threshold: int | None) -> None:
     """Django turns psycopg's prepared statements off by default (poolers); with a
@@ -103,7 +141,7 @@ def test_statements_are_prepared_when_the_connection_allows(threshold: int | Non
         statements = set(prepared_statements()) - already
     finally:
         raw.prepare_threshold = before
-    updates = [sql for sql in statements if "UPDATE" in sql and "pg_notify" in sql]
+    updates = [sql for sql in statements if is_update(sql)]
     assert len(updates) == (0 if threshold is None else 1), statements
     assert SessionStore(s.session_key).load() == {"a": 7}
 
@@ -120,10 +158,11 @@ def test_captured_queries_see_the_l2_statements() -> None:
         store.get_table().clear()
         assert SessionStore(s.session_key).load() == {"a": 1}  # a miss: read from L2
     sqls = [query["sql"] for query in captured.captured_queries]
-    assert any("UPDATE" in sql and "pg_notify" in sql for sql in sqls), sqls
+    assert any(is_update(sql) for sql in sqls), sqls
     assert any(sql.startswith("SELECT session_data") for sql in sqls), sqls
 
 
+@pytest.mark.usefixtures("l2_path")
 def test_notify_invalidates_and_own_write_survives(listener: ListenerThread) -> None:
     s = saved(a=1)
     key = s.session_key or ""
@@ -141,6 +180,7 @@ def test_notify_invalidates_and_own_write_survives(listener: ListenerThread) -> 
     assert counters.snapshot()["l1_hits"] == hits + 1
 
 
+@pytest.mark.usefixtures("l2_path")
 def test_notify_of_a_session_too_large_to_carry_drops_the_copy(listener: ListenerThread) -> None:
     s = saved(a=1)
     key = s.session_key or ""
@@ -151,6 +191,81 @@ def test_notify_of_a_session_too_large_to_carry_drops_the_copy(listener: Listene
     assert other.update(key, big, time.time() + 60) is not None
     wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY to drop the copy", 2)
     assert SessionStore(key).load() == {"a": "x" * REFRESH_LIMIT}
+
+
+@pytest.mark.usefixtures("l2_path")
+def test_versions_grow_by_one_and_delete_notifies(listener: ListenerThread) -> None:
+    """Both paths number updates alike (the row's version + 1, a foreign row restarts at 1)
+    and a delete drops the other host's copy by its NOTIFY."""
+    s = saved(a=1)
+    key = s.session_key or ""
+    first = db_l2.decode_data(row(key).session_data)[0]
+    other = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
+    assert other.update(key, b'{"a":2}', time.time() + 60) == first + 1
+    assert other.update(key, b'{"a":3}', time.time() + 60) == first + 2
+    wait_for(lambda: held_version(key) == first + 2, "the NOTIFY of the update", 2)
+    Session.objects.using(PG_ALIAS).filter(session_key=key).update(session_data="foreign")
+    assert other.update(key, b'{"a":4}', time.time() + 60) == 1
+    assert other.delete(key) is True
+    assert other.delete(key) is False
+    wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY of the delete", 2)
+    assert other.update(key, b'{"a":5}', time.time() + 60) is None  # never resurrected
+
+
+def test_saves_call_the_functions_once_migrated() -> None:
+    """``migrate django_shmsession`` (the fixture ran it) installs them; saves and deletes
+    then call them instead of sending the statements."""
+    from django.test.utils import CaptureQueriesContext
+
+    assert functions_present()
+    s = saved(a=0)
+    with CaptureQueriesContext(connections[PG_ALIAS]) as captured:
+        s["a"] = 1
+        s.save()
+        s.delete()
+    sqls = " ".join(query["sql"] for query in captured.captured_queries)
+    assert pg_functions.UPDATE_FUNCTION in sqls, sqls
+    assert pg_functions.DELETE_FUNCTION in sqls, sqls
+    assert "WITH u AS" not in sqls
+    assert row(s.session_key or "") is None
+
+
+def test_migration_backwards_drops_the_functions_and_saves_go_on() -> None:
+    """An L2 that knew the functions fails one save after they are dropped (a clear error,
+    nothing half-written), then sends the statements; migrating forwards puts them back."""
+    from django.core.management import call_command
+
+    s = saved(a=1)
+    s["a"] = 2
+    s.save()  # this process's L2 has now seen the functions
+    call_command("migrate", "django_shmsession", "zero", database=PG_ALIAS, verbosity=0)
+    try:
+        assert not functions_present()
+        s["a"] = 3
+        with pytest.raises(L2Error, match="refused to save a session"):
+            s.save()
+        s.save()
+        store.get_table().clear()
+        assert SessionStore(s.session_key).load() == {"a": 3}
+    finally:
+        call_command("migrate", "django_shmsession", database=PG_ALIAS, verbosity=0)
+    assert functions_present()
+
+
+def test_availability_is_remembered_and_asked_again() -> None:
+    now = [100.0]
+    known = pg_functions.Availability(clock=lambda: now[0])
+    assert known.known() is None
+    known.record(False)
+    now[0] += pg_functions.Availability.RECHECK - 1
+    assert known.known() is False  # not asked again within the minute
+    now[0] += 1
+    assert known.known() is None
+    known.record(True)
+    now[0] += 10 * pg_functions.Availability.RECHECK
+    assert known.known() is True  # a yes holds
+    known.forget()
+    assert known.known() is None
 
 
 def held_version(key: str) -> int | None:

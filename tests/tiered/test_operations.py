@@ -104,8 +104,28 @@ def test_db_checks(settings: Any, db_tiered: str) -> None:
     found = ids(run_checks(databases=[settings.SHMSESSION["L2"]["DATABASE"]]))
     assert "django_shmsession.tiered.W004" not in found  # migrated by the fixture
     assert "django_shmsession.tiered.W002" not in found  # PostgreSQL
+    assert "django_shmsession.tiered.W005" not in found  # functions installed by the fixture
     settings.INSTALLED_APPS = [a for a in settings.INSTALLED_APPS if a != "django.contrib.sessions"]
     assert "django_shmsession.tiered.E003" in ids(run_checks())
+
+
+def test_missing_functions_are_w005(settings: Any, db_tiered: str) -> None:
+    from django.db import connections
+
+    from django_shmsession.tiered import pg_functions
+
+    alias = settings.SHMSESSION["L2"]["DATABASE"]
+    with connections[alias].cursor() as cursor:
+        for sql in pg_functions.drop_sql():
+            cursor.execute(sql)
+    try:
+        found = [m for m in run_checks(databases=[alias]) if m.id.endswith("W005")]
+        assert len(found) == 1
+        assert "migrate django_shmsession" in found[0].hint
+    finally:
+        call_command("migrate", "django_shmsession", "zero", database=alias, verbosity=0)
+        call_command("migrate", "django_shmsession", database=alias, verbosity=0)
+    assert not [m for m in run_checks(databases=[alias]) if m.id.endswith("W005")]
 
 
 @pytest.mark.usefixtures("db_tiered")
