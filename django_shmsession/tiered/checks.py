@@ -167,8 +167,11 @@ def _check_functions(alias: str, connection: Any) -> list[CheckMessage]:
             f"The tiered engine's PostgreSQL functions are not installed in the database "
             f"{alias!r}: sessions work, but every save is parsed and planned anew (about 100 µs "
             f"of database CPU more per save).",
-            hint=f"Add 'django_shmsession' to INSTALLED_APPS and run "
-            f"`python manage.py migrate django_shmsession --database {alias}`.",
+            hint=f"Add 'django_shmsession' to INSTALLED_APPS and run `python manage.py "
+            f"migrate django_shmsession --database {alias}` (allowed by your database routers; "
+            f"if it says there is nothing to apply, the functions were dropped or made on "
+            f"another search_path: migrate django_shmsession zero, then forwards, as the user "
+            f"the site connects as). If EXECUTE on them is revoked, grant it to that user.",
             id=f"{PREFIX}.W005",
         )
     ]

@@ -138,6 +138,12 @@ def _version_of(head: str) -> int | None:
     return int(head[:digits]) if digits and head[digits : digits + 1] in (":", "b") else None
 
 
+def _sqlstate(err: BaseException) -> str | None:
+    """The SQLSTATE of the driver error under Django's wrapper (psycopg 3 or psycopg2)."""
+    cause = err.__cause__
+    return getattr(cause, "sqlstate", None) or getattr(cause, "pgcode", None)
+
+
 def _quoted_table() -> str:
     """The session table's name as PostgreSQL quotes it."""
     return f'"{_model()._meta.db_table}"'
@@ -295,14 +301,15 @@ class DatabaseL2(L2):
         lock, so concurrent updates of one session get increasing versions in commit order)
         and its NOTIFY, sent at commit only if the row changed; as the PL/pgSQL function when
         it is installed, else as one statement (see :mod:`.pg_functions`)."""
+        channel = self.config.channel
         if self._functions_installed():
-            params = [key, body, expire, now, self.config.channel, notice]
-            version = self._call_function(pg_functions.UPDATE_CALL, params)
-        else:
-            sql = pg_functions.update_statement(_quoted_table())
-            row = _one_row(self.alias, sql, [body, expire, key, now, self.config.channel, notice])
-            version = None if row is None else row[0]
-        return None if version is None else int(version)
+            call = [key, body, expire, now, channel, notice]
+            found, version = self._call_function(pg_functions.UPDATE_CALL, call)
+            if found:
+                return None if version is None else int(version)
+        sql = pg_functions.update_statement(_quoted_table())
+        row = _one_row(self.alias, sql, [body, expire, key, now, channel, notice])
+        return None if row is None else int(row[0])
 
     def delete(self, key: str) -> bool:
         return bool(self._call("delete a session", self._delete, key))
@@ -311,7 +318,9 @@ class DatabaseL2(L2):
         if self._postgres:
             params = [key, self.config.channel, f"{DELETED} {key}"]
             if self._functions_installed():
-                return bool(self._call_function(pg_functions.DELETE_CALL, params))
+                found, hit = self._call_function(pg_functions.DELETE_CALL, params)
+                if found:
+                    return bool(hit)
             sql = pg_functions.delete_statement(_quoted_table())
             return _one_row(self.alias, sql, params) is not None
         deleted, _ = self._objects().filter(session_key=key).delete()
@@ -325,15 +334,27 @@ class DatabaseL2(L2):
             known = self._functions.record(bool(row and row[0]))
         return known
 
-    def _call_function(self, sql: str, params: list[Any]) -> Any:
-        """The one value a function call returns. A call that fails makes the next one ask
-        whether the functions are still installed (a migration run backwards drops them)."""
+    def _call_function(self, sql: str, params: list[Any]) -> tuple[bool, Any]:
+        """(True, the value the call returned), or (False, None) when the function is gone or
+        may no longer be called (dropped, EXECUTE revoked since the L2 asked): the caller
+        then sends the plain statement. Inside the caller's transaction the failed call has
+        aborted it, so the error is raised instead (and the next save asks again)."""
         try:
             row = _one_row(self.alias, sql, params)
-        except ProgrammingError:
-            self._functions.forget()
-            raise
-        return None if row is None else row[0]
+        except ProgrammingError as err:
+            if _sqlstate(err) not in pg_functions.MISSING_STATES:
+                raise
+            self._functions.record(False)
+            if connections[self.alias].in_atomic_block:
+                raise
+            logger.warning(
+                "django-shmsession: %s can no longer call its PostgreSQL functions (%s); "
+                "sending plain statements. Run `manage.py migrate django_shmsession`.",
+                self.describe(),
+                err,
+            )
+            return False, None
+        return True, None if row is None else row[0]
 
     def clear_expired(self) -> int:
         """Delete expired rows (what Django's db engine does for ``clearsessions``)."""

@@ -9,14 +9,13 @@ in the server process, not in the protocol). Measured on one connection (psycopg
 session, the benchmark cluster): server CPU per update 273-290 µs as the statement, 167-183 µs
 as the function call (117-150 µs prepared); round trip 447-457 µs against 325-364 µs.
 
-Migration ``django_shmsession.0001_postgres_functions`` installs them (``manage.py migrate``);
-until it has run, :func:`installed` says no and the db L2 sends the same statements as SQL
-(same results, same invalidations), and a system check (W005) says so.
-
-The functions are **frozen**: a change of name, arguments or behaviour is a new version
+Migration ``django_shmsession.0001_postgres_functions`` installs them (``manage.py migrate``)
+and holds their SQL, frozen: a change of name, arguments or behaviour is a new version
 (``_v2``) installed by a new migration beside the old one, so that workers of the previous
 release keep working during a rolling upgrade. Both run as the caller (SECURITY INVOKER, the
-default) on the ``session_key``/``session_data``/``expire_date`` columns of Django's table.
+default). Until they exist (and may be executed), :class:`Availability` says no, the db L2
+sends the same SQL as plain statements (same results, same invalidations), and a system check
+(W005) says so.
 """
 
 from __future__ import annotations
@@ -29,9 +28,7 @@ __all__ = [
     "PRESENT_QUERY",
     "UPDATE_CALL",
     "Availability",
-    "create_sql",
     "delete_statement",
-    "drop_sql",
     "update_statement",
 ]
 
@@ -46,8 +43,8 @@ DELETE_CALL = f"SELECT {DELETE_FUNCTION}(%s, %s, %s)"
 
 #: The conditional UPDATE (the new version is the row's + 1, read under the row lock; a row
 #: holding no version of ours restarts at 1), with ``{table}``, ``{body}``, ``{expire}``,
-#: ``{key}`` and ``{now}`` to fill in: shared by the function and the plain statement, so the
-#: two can never compute different versions.
+#: ``{key}`` and ``{now}`` to fill in: the statement, and (frozen in the migration) the body
+#: of ``shmsession_update_v1``, which a test compares.
 _UPDATE = (
     "UPDATE {table} SET session_data = "
     "(CASE WHEN session_data ~ '^[0-9]{{1,19}}[:b]' "
@@ -75,45 +72,15 @@ def delete_statement(table: str) -> str:
     )
 
 
-def create_sql(table: str) -> list[str]:
-    """``CREATE OR REPLACE FUNCTION`` for both functions on ``table`` (a quoted name)."""
-    update = _UPDATE.format(table=table, body="p_body", expire="p_expire", key="p_key", now="p_now")
-    return [
-        f"CREATE OR REPLACE FUNCTION {UPDATE_FUNCTION}(p_key text, p_body text, "
-        f"p_expire timestamptz, p_now timestamptz, p_channel text, p_notice text) "
-        f"RETURNS text LANGUAGE plpgsql AS $fn$\n"
-        f"DECLARE version text;\n"
-        f"BEGIN\n"
-        f"    {update} INTO version;\n"
-        f"    IF FOUND THEN\n"
-        f"        PERFORM pg_notify(p_channel, version || ' ' || p_notice);\n"
-        f"    END IF;\n"
-        f"    RETURN version;\n"
-        f"END\n$fn$",
-        f"CREATE OR REPLACE FUNCTION {DELETE_FUNCTION}(p_key text, p_channel text, "
-        f"p_notice text) RETURNS boolean LANGUAGE plpgsql AS $fn$\n"
-        f"DECLARE hit boolean;\n"
-        f"BEGIN\n"
-        f"    DELETE FROM {table} WHERE session_key = p_key;\n"
-        f"    hit := FOUND;\n"
-        f"    IF hit THEN\n"
-        f"        PERFORM pg_notify(p_channel, p_notice);\n"
-        f"    END IF;\n"
-        f"    RETURN hit;\n"
-        f"END\n$fn$",
-    ]
-
-
-def drop_sql() -> list[str]:
-    """``DROP FUNCTION`` for both (what the migration runs backwards)."""
-    return [f"DROP FUNCTION IF EXISTS {name}" for name in (UPDATE_SIGNATURE, DELETE_SIGNATURE)]
-
-
-#: The query that tells whether both functions exist (on the caller's search_path).
+#: Whether both functions exist on the caller's search_path and the caller may call them
+#: (a hardened database may revoke EXECUTE from PUBLIC).
 PRESENT_QUERY = (
-    f"SELECT to_regprocedure('{UPDATE_SIGNATURE}') IS NOT NULL "
-    f"AND to_regprocedure('{DELETE_SIGNATURE}') IS NOT NULL"
+    f"SELECT coalesce(has_function_privilege(to_regprocedure('{UPDATE_SIGNATURE}'), 'EXECUTE') "
+    f"AND has_function_privilege(to_regprocedure('{DELETE_SIGNATURE}'), 'EXECUTE'), false)"
 )
+#: SQLSTATEs of a call that cannot work (undefined_function, insufficient_privilege): the
+#: functions were dropped or EXECUTE revoked after the L2 asked.
+MISSING_STATES = frozenset({"42883", "42501"})
 
 
 class Availability:

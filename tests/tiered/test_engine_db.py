@@ -3,6 +3,8 @@ invalidations come by LISTEN/NOTIFY."""
 
 from __future__ import annotations
 
+import importlib
+import logging
 import time
 from typing import Any
 
@@ -45,14 +47,36 @@ def functions_present() -> bool:
         return bool(cursor.fetchone()[0])
 
 
+MIGRATION = importlib.import_module("django_shmsession.migrations.0001_postgres_functions")
+
+
 @pytest.fixture
 def without_functions(db_tiered: str) -> Any:
     """The database as before ``migrate django_shmsession``: no functions (put back after)."""
-    execute(*pg_functions.drop_sql())
+    execute(*MIGRATION.DROP_V1)
     runtime.reset()  # a new L2 client, which asks again
     yield
-    execute(*pg_functions.create_sql('"django_session"'))
+    execute(MIGRATION.UPDATE_V1, MIGRATION.DELETE_V1)
     runtime.reset()
+
+
+def other_l2() -> db_l2.DatabaseL2:
+    """Another host's L2 client (its own answer to "are the functions there?")."""
+    return db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
+
+
+def called(function: str, sql: str) -> bool:
+    """Whether ``sql`` calls ``function`` (not merely names it, as the catalog query does)."""
+    return f"SELECT {function}(" in sql
+
+
+def l2_sql(action: Any) -> str:
+    """All SQL sent on Django's connection while ``action()`` ran."""
+    from django.test.utils import CaptureQueriesContext
+
+    with CaptureQueriesContext(connections[PG_ALIAS]) as captured:
+        action()
+    return " ".join(query["sql"] for query in captured.captured_queries)
 
 
 @pytest.fixture(params=["functions", "statements"])
@@ -120,7 +144,7 @@ def saved_eight_times() -> SessionStore:
 
 def is_update(sql: str) -> bool:
     """Whether ``sql`` is the L2's update, as the function call or as the statement."""
-    return pg_functions.UPDATE_FUNCTION in sql or ("UPDATE" in sql and "pg_notify" in sql)
+    return called(pg_functions.UPDATE_FUNCTION, sql) or ("UPDATE" in sql and "pg_notify" in sql)
 
 
 @pytest.mark.usefixtures("l2_path")
@@ -193,23 +217,50 @@ def test_notify_of_a_session_too_large_to_carry_drops_the_copy(listener: Listene
     assert SessionStore(key).load() == {"a": "x" * REFRESH_LIMIT}
 
 
-@pytest.mark.usefixtures("l2_path")
-def test_versions_grow_by_one_and_delete_notifies(listener: ListenerThread) -> None:
-    """Both paths number updates alike (the row's version + 1, a foreign row restarts at 1)
-    and a delete drops the other host's copy by its NOTIFY."""
+def test_versions_grow_by_one_and_delete_notifies(listener: ListenerThread, l2_path: str) -> None:
+    """Both paths number updates alike (the row's version + 1, a foreign row restarts at 1),
+    a delete drops the other host's copy by its NOTIFY, and each path is the one that ran."""
     s = saved(a=1)
     key = s.session_key or ""
     first = db_l2.decode_data(row(key).session_data)[0]
-    other = db_l2.DatabaseL2(db_l2.L2Config(backend="db", database=PG_ALIAS, channel=_channel()))
-    assert other.update(key, b'{"a":2}', time.time() + 60) == first + 1
+    other = other_l2()
+    results: list[Any] = []
+    sql = l2_sql(lambda: results.append(other.update(key, b'{"a":2}', time.time() + 60)))
+    assert (called(pg_functions.UPDATE_FUNCTION, sql)) == (l2_path == "functions"), sql
+    assert ("WITH u AS" in sql) == (l2_path == "statements"), sql
+    assert results == [first + 1]
     assert other.update(key, b'{"a":3}', time.time() + 60) == first + 2
     wait_for(lambda: held_version(key) == first + 2, "the NOTIFY of the update", 2)
     Session.objects.using(PG_ALIAS).filter(session_key=key).update(session_data="foreign")
     assert other.update(key, b'{"a":4}', time.time() + 60) == 1
-    assert other.delete(key) is True
+    sql = l2_sql(lambda: results.append(other.delete(key)))
+    assert (called(pg_functions.DELETE_FUNCTION, sql)) == (l2_path == "functions"), sql
+    assert results[-1] is True
     assert other.delete(key) is False
     wait_for(lambda: store.get_table().get(key) is None, "the NOTIFY of the delete", 2)
     assert other.update(key, b'{"a":5}', time.time() + 60) is None  # never resurrected
+
+
+@pytest.mark.usefixtures("l2_path")
+def test_a_missed_row_sends_no_notify() -> None:
+    """An update of a missing or expired row and a delete of a missing one change nothing and
+    notify nobody (a NOTIFY is only sent when the statement hit a row)."""
+    import psycopg
+
+    s = saved(a=1)
+    key = s.session_key or ""
+    Session.objects.using(PG_ALIAS).filter(session_key=key).update(
+        expire_date=db_l2._dt(time.time() - 5)
+    )
+    with psycopg.connect(**db_l2.listen_params(PG_ALIAS), autocommit=True) as conn:
+        conn.execute(f'LISTEN "{_channel()}"')
+        other = other_l2()
+        assert other.update(key, b'{"a":2}', time.time() + 60) is None  # expired
+        assert other.update("k" * 32, b'{"a":2}', time.time() + 60) is None  # missing
+        assert other.delete("k" * 32) is False
+        assert other.delete(key) is True  # the expired row: deleting it is a hit
+        heard = [n.payload for n in conn.notifies(timeout=0.5, stop_after=2)]
+    assert heard == [f"{db_l2.DELETED} {key}"]
 
 
 def test_saves_call_the_functions_once_migrated() -> None:
@@ -224,16 +275,52 @@ def test_saves_call_the_functions_once_migrated() -> None:
         s.save()
         s.delete()
     sqls = " ".join(query["sql"] for query in captured.captured_queries)
-    assert pg_functions.UPDATE_FUNCTION in sqls, sqls
-    assert pg_functions.DELETE_FUNCTION in sqls, sqls
+    assert called(pg_functions.UPDATE_FUNCTION, sqls), sqls
+    assert called(pg_functions.DELETE_FUNCTION, sqls), sqls
     assert "WITH u AS" not in sqls
     assert row(s.session_key or "") is None
 
 
-def test_migration_backwards_drops_the_functions_and_saves_go_on() -> None:
-    """An L2 that knew the functions fails one save after they are dropped (a clear error,
-    nothing half-written), then sends the statements; migrating forwards puts them back."""
+def test_function_bodies_match_the_statements() -> None:
+    """The frozen function (the migration's SQL, as installed) runs the very UPDATE the plain
+    statement sends, so the two paths cannot drift apart unnoticed."""
+    with connections[PG_ALIAS].cursor() as cursor:
+        cursor.execute("SELECT prosrc FROM pg_proc WHERE proname = %s", ["shmsession_update_v1"])
+        (body,) = cursor.fetchone()
+    names = {"body": "p_body", "expire": "p_expire", "key": "p_key", "now": "p_now"}
+    in_function = pg_functions._UPDATE.format(table='"django_session"', **names)
+    assert " ".join(in_function.split()) in " ".join(body.split())
+    as_sent = pg_functions._UPDATE.format(table='"django_session"', **dict.fromkeys(names, "%s"))
+    assert as_sent in pg_functions.update_statement('"django_session"')
+
+
+def test_sqlmigrate_shows_the_functions() -> None:
+    from io import StringIO
+
     from django.core.management import call_command
+
+    forwards, backwards = StringIO(), StringIO()
+    call_command("sqlmigrate", "django_shmsession", "0001", database=PG_ALIAS, stdout=forwards)
+    call_command(
+        "sqlmigrate",
+        "django_shmsession",
+        "0001",
+        backwards=True,
+        database=PG_ALIAS,
+        stdout=backwards,
+    )
+    assert "CREATE OR REPLACE FUNCTION shmsession_update_v1" in forwards.getvalue()
+    assert "CREATE OR REPLACE FUNCTION shmsession_delete_v1" in forwards.getvalue()
+    assert "DROP FUNCTION IF EXISTS shmsession_update_v1" in backwards.getvalue()
+
+
+def test_dropped_functions_fall_back_at_once(caplog: Any) -> None:
+    """An L2 that knew the functions, after ``migrate django_shmsession zero``: the save that
+    finds them gone logs a warning and sends the statement instead (nothing lost); inside the
+    caller's transaction (which the failed call aborted) it raises, and the next save sends
+    the statement. Migrating forwards puts them back."""
+    from django.core.management import call_command
+    from django.db import transaction
 
     s = saved(a=1)
     s["a"] = 2
@@ -242,14 +329,58 @@ def test_migration_backwards_drops_the_functions_and_saves_go_on() -> None:
     try:
         assert not functions_present()
         s["a"] = 3
-        with pytest.raises(L2Error, match="refused to save a session"):
+        with caplog.at_level(logging.WARNING, logger="django_shmsession"):
             s.save()
-        s.save()
+        assert "can no longer call its PostgreSQL functions" in caplog.text
         store.get_table().clear()
         assert SessionStore(s.session_key).load() == {"a": 3}
+        runtime.get_l2()._functions.record(True)  # type: ignore[attr-defined]  # as if asked
+        s["a"] = 4
+        with pytest.raises(L2Error, match="refused to save a session"):  # noqa: SIM117
+            with transaction.atomic(using=PG_ALIAS):
+                s.save()
+        s.save()  # it knows now: the statement
+        store.get_table().clear()
+        assert SessionStore(s.session_key).load() == {"a": 4}
     finally:
         call_command("migrate", "django_shmsession", database=PG_ALIAS, verbosity=0)
     assert functions_present()
+
+
+def test_revoked_execute_counts_as_missing() -> None:
+    """A role that may not EXECUTE the functions (a database hardened by REVOKE ... FROM
+    PUBLIC) is told they are not there, so its saves send the statements."""
+    role = "shmsession_noexec"
+    update = "shmsession_update_v1(text, text, timestamptz, timestamptz, text, text)"
+    execute(
+        f"DROP ROLE IF EXISTS {role}",
+        f"CREATE ROLE {role}",
+        f"REVOKE EXECUTE ON FUNCTION {update} FROM PUBLIC",
+    )
+    try:
+        with connections[PG_ALIAS].cursor() as cursor:
+            cursor.execute(f"SET ROLE {role}")
+            try:
+                cursor.execute(pg_functions.PRESENT_QUERY)
+                assert cursor.fetchone()[0] is False
+            finally:
+                cursor.execute("RESET ROLE")
+        assert functions_present()  # the owner still may
+    finally:
+        execute(f"GRANT EXECUTE ON FUNCTION {update} TO PUBLIC", f"DROP ROLE {role}")
+
+
+def test_a_worker_started_before_migrate_picks_the_functions_up(without_functions: None) -> None:
+    now = [1000.0]
+    l2 = other_l2()
+    l2._functions = pg_functions.Availability(clock=lambda: now[0])
+    key = saved(a=1).session_key or ""
+    assert "WITH u AS" in l2_sql(lambda: l2.update(key, b'{"a":2}', time.time() + 60))
+    execute(MIGRATION.UPDATE_V1, MIGRATION.DELETE_V1)  # migrate ran meanwhile
+    assert "WITH u AS" in l2_sql(lambda: l2.update(key, b'{"a":3}', time.time() + 60))
+    now[0] += pg_functions.Availability.RECHECK
+    sql = l2_sql(lambda: l2.update(key, b'{"a":4}', time.time() + 60))
+    assert called(pg_functions.UPDATE_FUNCTION, sql), sql
 
 
 def test_availability_is_remembered_and_asked_again() -> None:

@@ -3,6 +3,7 @@ checks, ``clearsessions``, and the listener process (flush on start, standby, he
 
 from __future__ import annotations
 
+import importlib
 import json
 import os
 import signal
@@ -112,11 +113,10 @@ def test_db_checks(settings: Any, db_tiered: str) -> None:
 def test_missing_functions_are_w005(settings: Any, db_tiered: str) -> None:
     from django.db import connections
 
-    from django_shmsession.tiered import pg_functions
-
+    migration = importlib.import_module("django_shmsession.migrations.0001_postgres_functions")
     alias = settings.SHMSESSION["L2"]["DATABASE"]
     with connections[alias].cursor() as cursor:
-        for sql in pg_functions.drop_sql():
+        for sql in migration.DROP_V1:
             cursor.execute(sql)
     try:
         found = [m for m in run_checks(databases=[alias]) if m.id.endswith("W005")]
