@@ -337,8 +337,8 @@ class DatabaseL2(L2):
     def _call_function(self, sql: str, params: list[Any]) -> tuple[bool, Any]:
         """(True, the value the call returned), or (False, None) when the function is gone or
         may no longer be called (dropped, EXECUTE revoked since the L2 asked): the caller
-        then sends the plain statement. Inside the caller's transaction the failed call has
-        aborted it, so the error is raised instead (and the next save asks again)."""
+        then sends the plain statement, as do the saves of the next ``RECHECK`` seconds. Inside
+        the caller's transaction the failed call has aborted it, so the error is raised."""
         try:
             row = _one_row(self.alias, sql, params)
         except ProgrammingError as err:

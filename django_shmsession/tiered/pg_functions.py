@@ -86,9 +86,9 @@ MISSING_STATES = frozenset({"42883", "42501"})
 class Availability:
     """Whether the functions are installed on one database, asked once and remembered.
 
-    A yes is kept until a call fails (``forget``: somebody ran the migration backwards); a no
-    is asked again after ``RECHECK`` seconds, so workers started before ``migrate`` pick the
-    functions up without a restart.
+    A yes is kept until a call finds them gone (the db L2 then records a no: somebody ran the
+    migration backwards or revoked EXECUTE); a no is asked again after ``RECHECK`` seconds, so
+    workers started before ``migrate`` pick the functions up without a restart.
     """
 
     RECHECK = 60.0
@@ -105,8 +105,6 @@ class Availability:
         return self._known
 
     def record(self, present: bool) -> bool:
+        """Remember the answer (a no, for ``RECHECK`` seconds); returns it."""
         self._known, self._asked_at = present, self._clock()
         return present
-
-    def forget(self) -> None:
-        self._known = None

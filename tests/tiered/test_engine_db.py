@@ -395,8 +395,8 @@ def test_availability_is_remembered_and_asked_again() -> None:
     known.record(True)
     now[0] += 10 * pg_functions.Availability.RECHECK
     assert known.known() is True  # a yes holds
-    known.forget()
-    assert known.known() is None
+    known.record(False)  # a call found them gone
+    assert known.known() is False
 
 
 def held_version(key: str) -> int | None:
