@@ -194,7 +194,7 @@ PREPARED_OPTIONS = {"server_side_binding": True, "prepare_threshold": 5}
 
 
 #: One micro round: the plain engine is measured right before each tiered engine, so each L1-hit
-#: ratio compares two runs a second apart (a burst of load from other tenants, which moved one
+#: ratio compares two runs a second apart (a burst of load on the shared machine, which moved one
 #: engine's median by 50 % between runs, then hits both sides of the ratio).
 MICRO_ORDER = ("plain", "tiered-redis", "plain", "tiered-pg", "cache-redis", "cached_db")
 
