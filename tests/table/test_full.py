@@ -169,6 +169,7 @@ def test_evict_policy_makes_room_and_counts_evictions(
     assert table.check().ok
 
 
+@pytest.mark.usefixtures("seeded_random")
 def test_evict_policy_drops_the_least_recently_used_entries(
     make_table: TableFactory, clock: FakeClock
 ) -> None:

@@ -59,6 +59,7 @@ def test_a_flood_of_class_0_never_evicts_class_1(
     assert table.check().ok
 
 
+@pytest.mark.usefixtures("seeded_random")
 def test_with_only_valued_entries_the_least_recently_used_goes(
     make_table: TableFactory, clock: FakeClock
 ) -> None:
