@@ -7,6 +7,7 @@ can be compared side by side.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -15,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -165,12 +166,54 @@ def machine_info() -> dict[str, str]:
         "cores": str(os.cpu_count()),
         "loadavg_at_start": f"{load[0]:.2f} {load[1]:.2f} {load[2]:.2f}",
         "kernel": platform.release(),
+        "sched_autogroup": autogroup_state(),
         "python": platform.python_version() + f" ({platform.python_implementation()})",
         "django": _version("django"),
         "posix_ipc": _version("posix_ipc"),
         "django_shmsession": _version("django_shmsession"),
         "git_head": _git_head(),
     }
+
+
+#: The kernel's autogroup switch: each session (setsid) is a scheduling group of its own.
+AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
+
+
+def autogroup_state() -> str:
+    """ "on", "off" or "absent" (a kernel without autogroup scheduling)."""
+    try:
+        return "on" if AUTOGROUP.read_text().strip() == "1" else "off"
+    except OSError:
+        return "absent"
+
+
+@contextlib.contextmanager
+def autogroup_off(keep: bool = False) -> Iterator[str]:
+    """Turn the kernel's autogroup scheduling off for the block (as root), then restore it.
+
+    Why: every PostgreSQL backend calls setsid(), so with autogroup on each backend is a
+    scheduling group of its own, and on this 2-core VM (kernel 6.18) under the benchmarks'
+    load such a backend starved: a connection pinging SELECT 1 every 20 ms waited 3.0-3.7 s in
+    the run queue per 4 s (``/proc/<pid>/schedstat``), its answers took up to 2.0 s, while Redis
+    (in the benchmark's own session) answered within 8 ms. That measures the kernel, not the
+    engines: PostgreSQL on a host of its own, or in a cgroup of its own, is not starved. With
+    autogroup off the same pings took at most 4 ms. ``keep=True`` (``--keep-autogroup``)
+    measures the host as it is. Yields what the run used: "off", "on" or "absent"; it is
+    "on" when turning it off was not allowed (not root).
+    """
+    before = autogroup_state()
+    if keep or before != "on":
+        yield before
+        return
+    try:
+        AUTOGROUP.write_text("0")
+    except OSError:
+        yield before
+        return
+    try:
+        yield "off"
+    finally:
+        AUTOGROUP.write_text("1")
 
 
 def machine_header(info: dict[str, str]) -> str:

@@ -43,6 +43,7 @@ from typing import Any
 
 from benchmarks.common import (
     ROOT,
+    autogroup_off,
     fmt_ratio,
     log,
     machine_header,
@@ -510,12 +511,28 @@ def paired(e: dict[str, Any], label: str, peer: str, path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
+    parser.add_argument(
+        "--keep-autogroup",
+        action="store_true",
+        help="leave the kernel's autogroup scheduling as it is (default: off for the run)",
+    )
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
-    from tests.tiered.l2servers import PostgresServer, RedisServer
-
     n, rounds, seconds, repeats, lat_n = (300, 1, 2, 1, 50) if args.quick else (3000, 5, 4, 5, 500)
     info = machine_info()
+    with autogroup_off(args.keep_autogroup) as used:
+        info["sched_autogroup"] = f"{used} during the run (host: {info['sched_autogroup']})"
+        data = measure_all(n, rounds, seconds, repeats, lat_n)
+    path = write_results("tiered", render(info, data), {"machine": info, **data})
+    log(f"results in {path}")
+    return 0
+
+
+def measure_all(n: int, rounds: int, seconds: int, repeats: int, lat_n: int) -> dict[str, Any]:
+    """Every part of the benchmark, on servers of its own (see :func:`common.autogroup_off`
+    for why the caller turns autogroup scheduling off around it)."""
+    from tests.tiered.l2servers import PostgresServer, RedisServer
+
     redis_server = RedisServer().start()
     pg_server = PostgresServer().start()
     workdir = Path(redis_server.dir)
@@ -530,9 +547,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         redis_server.cleanup()
         pg_server.cleanup()
-    path = write_results("tiered", render(info, data), {"machine": info, **data})
-    log(f"results in {path}")
-    return 0
+    return data
 
 
 if __name__ == "__main__":
