@@ -12,6 +12,7 @@ import datetime as dt
 import json
 import os
 import platform
+import signal
 import statistics
 import subprocess
 import sys
@@ -193,13 +194,15 @@ def autogroup_off(keep: bool = False) -> Iterator[str]:
 
     Why: every PostgreSQL backend calls setsid(), so with autogroup on each backend is a
     scheduling group of its own, and on this 2-core VM (kernel 6.18) under the benchmarks'
-    load such a backend starved: a connection pinging SELECT 1 every 20 ms waited 3.0-3.7 s in
-    the run queue per 4 s (``/proc/<pid>/schedstat``), its answers took up to 2.0 s, while Redis
-    (in the benchmark's own session) answered within 8 ms. That measures the kernel, not the
-    engines: PostgreSQL on a host of its own, or in a cgroup of its own, is not starved. With
-    autogroup off the same pings took at most 4 ms. ``keep=True`` (``--keep-autogroup``)
-    measures the host as it is. Yields what the run used: "off", "on" or "absent"; it is
-    "on" when turning it off was not allowed (not root).
+    load such a backend starved: in results/pg_sched.md a connection pinging SELECT 1 every
+    20 ms spent half of its wall time waiting in the run queue (``/proc/<pid>/schedstat``) and
+    its answers took up to 513 ms, while Redis answered within 8.2 ms; with autogroup off the
+    same pings took at most 6.8 ms. That is the kernel's doing, not the engines'.
+    ``keep=True`` (``--keep-autogroup``) measures the host as it is. Yields what the run used:
+    "off", "on" or "absent" ("on" when turning it off was not allowed: not root).
+
+    SIGTERM and SIGHUP raise SystemExit while it is off, so a killed run restores it too;
+    only SIGKILL leaves it off (``echo 1 > /proc/sys/kernel/sched_autogroup_enabled``).
     """
     before = autogroup_state()
     if keep or before != "on":
@@ -210,10 +213,17 @@ def autogroup_off(keep: bool = False) -> Iterator[str]:
     except OSError:
         yield before
         return
+    handlers = {sig: signal.signal(sig, _exit_on_signal) for sig in (signal.SIGTERM, signal.SIGHUP)}
     try:
         yield "off"
     finally:
         AUTOGROUP.write_text("1")
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
+
+
+def _exit_on_signal(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
 
 
 def machine_header(info: dict[str, str]) -> str:

@@ -6,7 +6,7 @@ Why: on this 2-core VM the tiered engine over PostgreSQL served ``/`` (an L1 hit
 the plain engine's req/s in tiered runs 7-12, where over Redis the same code reached 0.91-1.06x.
 The cause was not our code: every PostgreSQL backend calls setsid(), and with the kernel's
 autogroup scheduling on, each session is a scheduling group of its own; under full load such a
-backend waited in the run queue for most of its wall time. The listener's heartbeat ping
+backend waited in the run queue for half of its wall time. The listener's heartbeat ping
 (``SELECT 1``) then took longer than LISTENER_TIMEOUT, workers saw the listener as down and
 revalidated every read against the (starved) database: correct, but slower.
 
@@ -26,9 +26,9 @@ Writes results/pg_sched.md (+ .json).
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import contextlib
 import sys
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -89,13 +89,15 @@ def ping_redis(url: str, seconds: float, out: dict[str, Any]) -> None:
 
     client = redis.Redis.from_url(url)
     samples: list[float] = []
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
-        t0 = time.perf_counter()
-        client.ping()
-        samples.append(time.perf_counter() - t0)
-        time.sleep(PING_EVERY)
-    client.close()
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            t0 = time.perf_counter()
+            client.ping()
+            samples.append(time.perf_counter() - t0)
+            time.sleep(PING_EVERY)
+    finally:
+        client.close()
     out["redis_ping"] = percentiles(samples)
 
 
@@ -106,13 +108,16 @@ def heartbeat_ages(names: list[str], seconds: float) -> dict[str, Any]:
 
     tables = [SessionTable(name, None) for name in names]
     ages: list[float] = []
-    started = time.monotonic()
-    while time.monotonic() - started < seconds:
+    try:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            for table in tables:
+                age = words.heartbeat_age(table)  # None: the listener stopped (or reconnects)
+                ages.append(float("inf") if age is None else age)
+            time.sleep(HEARTBEAT_EVERY)
+    finally:
         for table in tables:
-            ages.append(time.time() - table.read_app_word(words.HEARTBEAT) / 1e6)
-        time.sleep(HEARTBEAT_EVERY)
-    for table in tables:
-        table.close()
+            table.close()
     found = percentiles(ages)
     found["over_timeout_pct"] = 100 * sum(age > words.LISTENER_TIMEOUT for age in ages) / len(ages)
     return found
@@ -187,17 +192,14 @@ def measure(
     probe_seconds = seconds - 1.0
     procs = [tiered._wrk_async(port, "/", cookie, seconds, 4) for port in ports]
     time.sleep(0.5)
-    probes = [
-        threading.Thread(
-            target=ping_postgres, args=(pg_server.conninfo("postgres"), probe_seconds, out)
-        ),
-        threading.Thread(target=ping_redis, args=(redis_url, probe_seconds, out)),
-    ]
-    for probe in probes:
-        probe.start()
-    out["heartbeat_age"] = heartbeat_ages(names, probe_seconds)
-    for probe in probes:
-        probe.join()
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        probes = [
+            pool.submit(ping_postgres, pg_server.conninfo("postgres"), probe_seconds, out),
+            pool.submit(ping_redis, redis_url, probe_seconds, out),
+        ]
+        out["heartbeat_age"] = heartbeat_ages(names, probe_seconds)
+        for probe in probes:
+            probe.result(timeout=seconds + 30)  # a probe's exception is raised here
     out["req_per_s"] = sum(tiered._wrk_result(proc) for proc in procs)
     time.sleep(tiered_publish_wait())
     reads, revalidations = read_counts(names)
@@ -215,7 +217,7 @@ def render(info: dict[str, str], data: dict[str, Any]) -> str:
             [
                 setting,
                 f"{found['req_per_s']:.0f}",
-                f"{pg['p50_ms']:.2f} / {pg['p99_ms']:.1f} / {pg['max_ms']:.1f}",
+                f"{pg['p50_ms']:.2f} / {pg['p99_ms']:.1f} / {pg['max_ms']:.1f} ({pg['n']})",
                 f"{wait:.0f} %",
                 f"{rd['p50_ms']:.2f} / {rd['p99_ms']:.1f} / {rd['max_ms']:.1f}",
                 f"{beat['p50_ms']:.0f} / {beat['p99_ms']:.0f} / {beat['max_ms']:.0f}",
@@ -227,8 +229,8 @@ def render(info: dict[str, str], data: dict[str, Any]) -> str:
         [
             "autogroup",
             "`/` req/s (2 hosts)",
-            "PostgreSQL SELECT 1 ms p50 / p99 / max",
-            "its backend waiting in the run queue",
+            "PostgreSQL SELECT 1 ms p50 / p99 / max (pings)",
+            "probe's backend in the run queue (% of wall time)",
             "Redis PING ms p50 / p99 / max",
             "heartbeat age ms p50 / p99 / max",
             "heartbeat older than LISTENER_TIMEOUT",
@@ -256,6 +258,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.quick:
         args.seconds = 3
+    if args.seconds < 2:
+        parser.error("--seconds must be at least 2 (the probes run for seconds - 1)")
     sys.path.insert(0, str(ROOT))
     info = machine_info()
     settings: dict[str, Any] = {}
