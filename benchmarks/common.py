@@ -194,10 +194,10 @@ def autogroup_off(keep: bool = False) -> Iterator[str]:
 
     Why: every PostgreSQL backend calls setsid(), so with autogroup on each backend is a
     scheduling group of its own, and on this 2-core VM (kernel 6.18) under the benchmarks'
-    load such a backend starved: in results/pg_sched.md a connection pinging SELECT 1 every
-    20 ms spent half of its wall time waiting in the run queue (``/proc/<pid>/schedstat``) and
-    its answers took up to 513 ms, while Redis answered within 8.2 ms; with autogroup off the
-    same pings took at most 6.8 ms. That is the kernel's doing, not the engines'.
+    load such a backend starved: in results/pg_sched*.md a connection pinging SELECT 1 every
+    20 ms spent 50-74 % of its wall time waiting in the run queue (``/proc/<pid>/schedstat``)
+    and its answers took up to 0.5-1.6 s, while Redis answered within 8.2 ms; with autogroup
+    off the same pings took at most 6.8-10.6 ms. That is the kernel's doing, not the engines'.
     ``keep=True`` (``--keep-autogroup``) measures the host as it is. Yields what the run used:
     "off", "on" or "absent" ("on" when turning it off was not allowed: not root).
 

@@ -4,11 +4,12 @@ Usage: python -m benchmarks.pg_sched [--seconds 6] [--quick]
 
 Why: on this 2-core VM the tiered engine over PostgreSQL served ``/`` (an L1 hit) at 0.88-0.93x
 the plain engine's req/s in tiered runs 7-12, where over Redis the same code reached 0.91-1.06x.
-The cause was not our code: every PostgreSQL backend calls setsid(), and with the kernel's
-autogroup scheduling on, each session is a scheduling group of its own; under full load such a
-backend waited in the run queue for half of its wall time. The listener's heartbeat ping
-(``SELECT 1``) then took longer than LISTENER_TIMEOUT, workers saw the listener as down and
-revalidated every read against the (starved) database: correct, but slower.
+Looking for the cause we found workers revalidating because the PostgreSQL listener's heartbeat
+was stale. Every PostgreSQL backend calls setsid(), and with the kernel's autogroup scheduling
+on, each session is a scheduling group of its own; under full load such a backend waited in the
+run queue for 50-74 % of its wall time, the heartbeat went stale past LISTENER_TIMEOUT, and
+workers saw the listener as down and revalidated reads against the (starved) database: correct,
+but slower. (The likely cause of runs 7-12's gap, not a proven one: see the README, "Speed".)
 
 For each setting (the host's, then autogroup off when root may switch it), this starts its own
 Redis and PostgreSQL, the tiered PostgreSQL engine on two "hosts" (two gunicorn servers, one
