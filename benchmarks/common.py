@@ -7,6 +7,7 @@ can be compared side by side.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime as dt
 import json
@@ -181,7 +182,7 @@ AUTOGROUP = Path("/proc/sys/kernel/sched_autogroup_enabled")
 
 
 def autogroup_state() -> str:
-    """ "on", "off" or "absent" (a kernel without autogroup scheduling)."""
+    """Return "on", "off" or "absent" (a kernel without autogroup scheduling)."""
     try:
         return "on" if AUTOGROUP.read_text().strip() == "1" else "off"
     except OSError:
@@ -220,6 +221,15 @@ def autogroup_off(keep: bool = False) -> Iterator[str]:
         AUTOGROUP.write_text("1")
         for sig, handler in handlers.items():
             signal.signal(sig, handler)
+
+
+def add_autogroup_flag(parser: argparse.ArgumentParser) -> None:
+    """``--keep-autogroup``, for the benchmarks that run :func:`autogroup_off` around them."""
+    parser.add_argument(
+        "--keep-autogroup",
+        action="store_true",
+        help="leave the kernel's autogroup scheduling as it is (default: off for the run)",
+    )
 
 
 def _exit_on_signal(signum: int, frame: object) -> None:

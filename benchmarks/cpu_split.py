@@ -24,7 +24,7 @@ import time
 from pathlib import Path
 
 from benchmarks import tiered
-from benchmarks.common import ROOT, autogroup_off
+from benchmarks.common import ROOT, add_autogroup_flag, autogroup_off
 
 HZ = os.sysconf("SC_CLK_TCK")
 
@@ -85,11 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--path", default="/incr", choices=tiered.E2E_PATHS)
     parser.add_argument("--seconds", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
-    parser.add_argument(
-        "--keep-autogroup",
-        action="store_true",
-        help="leave the kernel's autogroup scheduling as it is (default: off for the run)",
-    )
+    add_autogroup_flag(parser)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     with autogroup_off(args.keep_autogroup) as used:
@@ -100,32 +96,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(labels: list[str], path: str, seconds: int, rounds: int) -> None:
     """Start every engine's servers, then measure each in turn, ``rounds`` times."""
-    from django_shmsession.tiered.listener import lock_path
-    from tests.tiered.l2servers import PostgresServer, RedisServer
-
-    redis_server, pg_server = RedisServer().start(), PostgresServer().start()
-    names: list[str] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            ports: dict[str, list[int]] = {}
+    with tiered.l2_servers() as (redis_server, pg_server, names), contextlib.ExitStack() as stack:
+        ports: dict[str, list[int]] = {}
+        for label in labels:
+            label_names, envs = tiered._e2e_envs(label, redis_server.url, pg_server.settings)
+            names.extend(label_names)
+            tiered.migrate(envs[0])
+            workdir = Path(redis_server.dir)
+            servers = tiered._servers(envs, 1, workdir, label.replace(" ", "-"))
+            ports[label] = stack.enter_context(servers)
+        time.sleep(1.5)  # listeners up
+        cookies = {label: tiered.login(label_ports[0]) for label, label_ports in ports.items()}
+        for _ in range(rounds):
             for label in labels:
-                label_names, envs = tiered._e2e_envs(label, redis_server.url, pg_server.settings)
-                names.extend(label_names)
-                tiered.migrate(envs[0])
-                workdir = Path(redis_server.dir)
-                servers = tiered._servers(envs, 1, workdir, label.replace(" ", "-"))
-                ports[label] = stack.enter_context(servers)
-            time.sleep(1.5)  # listeners up
-            cookies = {label: tiered.login(label_ports[0]) for label, label_ports in ports.items()}
-            for _ in range(rounds):
-                for label in labels:
-                    print(measure(label, ports[label], cookies[label], path, seconds))
-    finally:
-        for name in names:
-            tiered.unlink(name)
-            lock_path(name).unlink(missing_ok=True)
-        redis_server.cleanup()
-        pg_server.cleanup()
+                print(measure(label, ports[label], cookies[label], path, seconds))
 
 
 if __name__ == "__main__":

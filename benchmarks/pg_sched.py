@@ -144,32 +144,21 @@ def read_counts(names: list[str]) -> tuple[int, int]:
 
 def one_setting(seconds: int) -> dict[str, Any]:
     """Servers of its own; one wrk load of ``/`` on both hosts with every probe running."""
-    from django_shmsession.tiered.listener import lock_path
-    from tests.tiered.l2servers import PostgresServer, RedisServer
-
-    redis_server, pg_server = RedisServer().start(), PostgresServer().start()
-    names: list[str] = []
-    try:
-        with contextlib.ExitStack() as stack:
-            names, envs = tiered._e2e_envs("tiered-pg", redis_server.url, pg_server.settings)
-            tiered.migrate(envs[0])
-            servers = tiered._servers(envs, 1, Path(redis_server.dir), "tiered-pg")
-            ports = stack.enter_context(servers)
-            time.sleep(1.5)  # listeners up
-            cookie = tiered.login(ports[0])
-            for port in ports:
-                assert tiered.request(port, "/", cookie)[0] == 200
-            time.sleep(tiered_publish_wait())
-            reads0, revalidations0 = read_counts(names)
-            return measure(
-                names, ports, cookie, seconds, redis_server.url, pg_server, reads0, revalidations0
-            )
-    finally:
-        for name in names:
-            tiered.unlink(name)
-            lock_path(name).unlink(missing_ok=True)
-        redis_server.cleanup()
-        pg_server.cleanup()
+    with tiered.l2_servers() as (redis_server, pg_server, names), contextlib.ExitStack() as stack:
+        label_names, envs = tiered._e2e_envs("tiered-pg", redis_server.url, pg_server.settings)
+        names.extend(label_names)
+        tiered.migrate(envs[0])
+        servers = tiered._servers(envs, 1, Path(redis_server.dir), "tiered-pg")
+        ports = stack.enter_context(servers)
+        time.sleep(1.5)  # listeners up
+        cookie = tiered.login(ports[0])
+        for port in ports:
+            assert tiered.request(port, "/", cookie)[0] == 200
+        time.sleep(tiered_publish_wait())
+        reads0, revalidations0 = read_counts(names)
+        return measure(
+            names, ports, cookie, seconds, redis_server.url, pg_server, reads0, revalidations0
+        )
 
 
 def tiered_publish_wait() -> float:

@@ -38,11 +38,13 @@ import subprocess
 import sys
 import time
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from benchmarks.common import (
     ROOT,
+    add_autogroup_flag,
     autogroup_off,
     fmt_ratio,
     log,
@@ -183,6 +185,31 @@ def _unlink_lock(name: str) -> None:
     from django_shmsession.tiered.listener import lock_path
 
     lock_path(name).unlink(missing_ok=True)
+
+
+@contextlib.contextmanager
+def l2_servers() -> Iterator[tuple[Any, Any, list[str]]]:
+    """A Redis and a PostgreSQL of their own, and a list for the segment names used on them.
+
+    Yields (redis_server, pg_server, names). On the way out every segment in ``names`` and its
+    listener lock are removed and both servers are stopped, Redis also when PostgreSQL fails
+    to start.
+    """
+    from tests.tiered.l2servers import PostgresServer, RedisServer
+
+    redis_server = RedisServer().start()
+    names: list[str] = []
+    try:
+        pg_server = PostgresServer().start()
+        try:
+            yield redis_server, pg_server, names
+        finally:
+            for name in names:
+                unlink(name)
+                _unlink_lock(name)
+            pg_server.cleanup()
+    finally:
+        redis_server.cleanup()
 
 
 KINDS = ("plain", "tiered-redis", "tiered-pg", "cache-redis", "cached_db")
@@ -511,11 +538,7 @@ def paired(e: dict[str, Any], label: str, peer: str, path: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true")
-    parser.add_argument(
-        "--keep-autogroup",
-        action="store_true",
-        help="leave the kernel's autogroup scheduling as it is (default: off for the run)",
-    )
+    add_autogroup_flag(parser)
     args = parser.parse_args(argv)
     sys.path.insert(0, str(ROOT))
     n, rounds, seconds, repeats, lat_n = (300, 1, 2, 1, 50) if args.quick else (3000, 5, 4, 5, 500)
@@ -531,22 +554,14 @@ def main(argv: list[str] | None = None) -> int:
 def measure_all(n: int, rounds: int, seconds: int, repeats: int, lat_n: int) -> dict[str, Any]:
     """Every part of the benchmark, on servers of its own (see :func:`common.autogroup_off`
     for why the caller turns autogroup scheduling off around it)."""
-    from tests.tiered.l2servers import PostgresServer, RedisServer
-
-    redis_server = RedisServer().start()
-    pg_server = PostgresServer().start()
-    workdir = Path(redis_server.dir)
-    try:
+    with l2_servers() as (redis_server, pg_server, _):
         pg = dict(pg_server.settings)
         log("micro")
         data: dict[str, Any] = {"micro": micro(redis_server.url, pg, n, rounds)}
         log("invalidation latency")
         data["latency"] = latency(redis_server.url, pg, lat_n)
         log("e2e")
-        data["e2e"] = e2e(redis_server.url, pg, seconds, repeats, workdir)
-    finally:
-        redis_server.cleanup()
-        pg_server.cleanup()
+        data["e2e"] = e2e(redis_server.url, pg, seconds, repeats, Path(redis_server.dir))
     return data
 
 
